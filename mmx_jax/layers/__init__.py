@@ -1,0 +1,53 @@
+"""Flax NNX layers: S6 parameters, selective token/channel mixers, the MambaMixer stack."""
+
+from mmx_jax.layers.averaging import (
+    AveragingWeights,
+    DropPath,
+    MambaMixerStack,
+    ResidualBlock,
+    averaging_layout,
+    make_norm,
+    residual_init,
+)
+from mmx_jax.layers.mixers import (
+    ChannelGroupMixer,
+    CrossScanTokenMixer,
+    SelectiveChannelMixer,
+    SelectiveTokenMixer,
+    causal_depthwise_conv1d,
+    shift_right,
+)
+from mmx_jax.layers.s6 import S6
+from mmx_jax.layers.scans import (
+    ALL_ORDERS,
+    CROSS_SCAN,
+    apply_scans,
+    inverse_permutation,
+    scan_order,
+    scan_orders,
+    undo_scans,
+)
+
+__all__ = [
+    "ALL_ORDERS",
+    "CROSS_SCAN",
+    "AveragingWeights",
+    "ChannelGroupMixer",
+    "CrossScanTokenMixer",
+    "DropPath",
+    "MambaMixerStack",
+    "ResidualBlock",
+    "S6",
+    "SelectiveChannelMixer",
+    "SelectiveTokenMixer",
+    "apply_scans",
+    "averaging_layout",
+    "causal_depthwise_conv1d",
+    "inverse_permutation",
+    "make_norm",
+    "residual_init",
+    "scan_order",
+    "scan_orders",
+    "shift_right",
+    "undo_scans",
+]

@@ -1,0 +1,29 @@
+"""Shared test fixtures. Tests needing ../shared/data skip with a reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import zlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("MMX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A fresh generator per test, seeded from the test's name (reproducible, never zeros)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+    """The ../shared/data folder beside the repository, or a skip saying why it is missing."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (CI always provides it); "
+                    "set MMX_SHARED_DATA to point at a copy")
+    return SHARED_DATA
