@@ -6,8 +6,13 @@ import os
 import pathlib
 import zlib
 
-import numpy as np
-import pytest
+# Eight simulated CPU devices for the sharding tests; must be set before jax is imported.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("MMX_SHARED_DATA", REPO.parent / "shared" / "data"))

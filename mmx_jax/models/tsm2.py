@@ -32,19 +32,25 @@ class RevIN(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_variates,))) if affine else None
 
     def normalize(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x: (B, L, M) -> (normalised x, statistics to undo it)."""
-        mean = x.mean(axis=1, keepdims=True)
-        std = jnp.sqrt(x.var(axis=1, keepdims=True) + self.eps)
-        x = (x - mean) / std
+        """x: (B, L, M) -> (normalised x, statistics to undo it).
+
+        Statistics are taken of x minus its last step, so a constant window normalises to
+        exactly zero whatever the reduction order (no rounding noise amplified by 1/std).
+        """
+        shift = x[:, -1:]
+        centred = x - shift
+        mean = centred.mean(axis=1, keepdims=True)
+        std = jnp.sqrt(jnp.mean((centred - mean) ** 2, axis=1, keepdims=True) + self.eps)
+        x = (centred - mean) / std
         if self.weight is not None:
             x = x * self.weight[...] + self.bias[...]
-        return x, (mean, std)
+        return x, (mean, std, shift)
 
-    def denormalize(self, y: jax.Array, stats: tuple[jax.Array, jax.Array]) -> jax.Array:
-        mean, std = stats
+    def denormalize(self, y: jax.Array, stats: tuple[jax.Array, ...]) -> jax.Array:
+        mean, std, shift = stats
         if self.weight is not None:
             y = (y - self.bias[...]) / (self.weight[...] + self.eps**2)
-        return y * std + mean
+        return (y * std + mean) + shift
 
 
 def num_patches(length: int, patch_len: int, stride: int) -> int:

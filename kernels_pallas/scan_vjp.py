@@ -1,0 +1,156 @@
+"""Backend-independent glue of the Pallas selective scans: argument normalisation and custom_vjp.
+
+A backend module (``triton_scan``, ``mosaic_scan``) provides two functions over normalised
+arguments (see `Normalised`):
+
+    forward(opts, args)                 -> (y, h_last, residual)
+    backward(opts, args, residual, dy, dh_last) -> Grads (float32 except du/ddelta/dz)
+
+`make_scan(backend)` turns such a pair into a differentiable scan whose gradients flow to
+every input (u, delta, A, B, C, D, z, delta_bias, initial_state), with the cotangent of the
+final state taken into account when the final state is returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+class Options(NamedTuple):
+    """Static options of one call (hashable: it is a nondiff argument of the custom_vjp)."""
+
+    delta_softplus: bool
+    reverse: bool
+    has_D: bool  # noqa: N815
+    has_z: bool
+    has_bias: bool
+    has_h0: bool
+    has_dh_last: bool  # the final state is returned, so its cotangent matters
+    backend_config: Any  # backend-specific static tuning (a hashable NamedTuple)
+    interpret: Any  # False, True, or a backend's interpret parameters
+
+
+class Normalised(NamedTuple):
+    """Arguments as the kernels take them.
+
+    u, delta, z: (b, L, E) in their own dtypes (z may be None).
+    A: (E, N) float32.   B, C: (b, L, G, N) in their own dtypes.
+    D, delta_bias: (E,) float32 or None.   h0: (b, E, N) float32 or None.
+    """
+
+    u: jax.Array
+    delta: jax.Array
+    A: jax.Array
+    B: jax.Array
+    C: jax.Array
+    D: jax.Array | None
+    z: jax.Array | None
+    delta_bias: jax.Array | None
+    h0: jax.Array | None
+
+
+class Grads(NamedTuple):
+    """Gradients in the layout of `Normalised` (B and C as (b, L, G, N))."""
+
+    u: jax.Array
+    delta: jax.Array
+    A: jax.Array
+    B: jax.Array
+    C: jax.Array
+    D: jax.Array | None
+    z: jax.Array | None
+    delta_bias: jax.Array | None
+    h0: jax.Array | None
+
+
+def shape_error(name: str, got, wanted: str) -> ValueError:
+    return ValueError(f"kernels_pallas.selective_scan: argument {name!r} has shape "
+                      f"{tuple(got)}, wanted {wanted}")
+
+
+def normalise(u, delta, A, B, C, D, z, delta_bias, initial_state) -> Normalised:
+    """Checks shapes and brings the arguments to the layout of `Normalised`."""
+    if jnp.ndim(u) != 3:
+        raise shape_error("u", jnp.shape(u), "(batch, length, E)")
+    b, length, e = u.shape
+    if jnp.shape(delta) != u.shape:
+        raise shape_error("delta", jnp.shape(delta), f"{u.shape} (same as u)")
+    if jnp.ndim(A) != 2 or A.shape[0] != e:
+        raise shape_error("A", jnp.shape(A), f"({e}, N)")
+    n = A.shape[1]
+    B = B[:, :, None, :] if jnp.ndim(B) == 3 else B
+    C = C[:, :, None, :] if jnp.ndim(C) == 3 else C
+    if jnp.ndim(B) != 4 or B.shape[:2] != (b, length) or B.shape[3] != n or e % B.shape[2]:
+        raise shape_error("B", jnp.shape(B), f"({b}, {length}, {n}) or ({b}, {length}, G, {n}) "
+                          f"with E={e} divisible by G")
+    if jnp.shape(C) != B.shape:
+        raise shape_error("C", jnp.shape(C), f"{B.shape} (same as B)")
+    for name, x in (("D", D), ("delta_bias", delta_bias)):
+        if x is not None and jnp.shape(x) != (e,):
+            raise shape_error(name, jnp.shape(x), f"({e},)")
+    if z is not None and jnp.shape(z) != u.shape:
+        raise shape_error("z", jnp.shape(z), f"{u.shape} (same as u)")
+    if initial_state is not None and jnp.shape(initial_state) != (b, e, n):
+        raise shape_error("initial_state", jnp.shape(initial_state), f"({b}, {e}, {n})")
+    f32 = jnp.float32
+    return Normalised(
+        u, delta, A.astype(f32), B, C,
+        None if D is None else D.astype(f32), z,
+        None if delta_bias is None else delta_bias.astype(f32),
+        None if initial_state is None else initial_state.astype(f32))
+
+
+def _cast_like(g, x):
+    return None if x is None else g.astype(x.dtype)
+
+
+def make_scan(forward: Callable, backward: Callable) -> Callable:
+    """Wraps a backend's forward/backward pair into ``scan(opts, normalised) -> (y, h_last)``."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def scan(opts: Options, args: Normalised):
+        y, h_last, _ = forward(opts, args)
+        return y, h_last
+
+    def scan_fwd(opts, args):
+        y, h_last, residual = forward(opts, args)
+        return (y, h_last), (args, residual)
+
+    def scan_bwd(opts, saved, cotangents):
+        args, residual = saved
+        dy, dh_last = cotangents
+        grads = backward(opts, args, residual, dy, dh_last if opts.has_dh_last else None)
+        return (Normalised(*(_cast_like(g, x) for g, x in zip(grads, args, strict=True))),)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan
+
+
+def softplus(x):
+    """log(1 + exp(x)), switching to x above 20 as the CUDA kernels do (exact in float32)."""
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def best_checkpoint_interval(length: int, unit: int, max_interval: int) -> int:
+    """The interval (a power-of-two multiple of `unit`, at most `max_interval`) that pads
+    `length` the least, the longest among equals (fewer checkpoints)."""
+    best, best_padded = unit, -(-length // unit) * unit
+    k = unit
+    while k <= max(unit, max_interval):
+        padded = -(-length // k) * k
+        if padded <= best_padded:
+            best, best_padded = k, padded
+        k *= 2
+    return best

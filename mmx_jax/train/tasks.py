@@ -1,0 +1,116 @@
+"""Tasks: what the generic training loop needs to know about a problem.
+
+A task builds the model from the config, plans the global batches of an epoch, loads the
+rows of a batch this process holds, and defines the training loss and the evaluation sums
+(masked, so a padded last batch counts only its real rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmx_jax.data import ForecastingData, load_forecasting
+from mmx_jax.models import create_model
+
+
+def compute_dtype(name: str):
+    """"float32" or "bfloat16" (config strings) -> a jnp dtype."""
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype={name!r} is not 'float32' or 'bfloat16'") from None
+
+
+@dataclasses.dataclass
+class ForecastingTask:
+    """Multivariate forecasting with MSE loss; metrics MSE and MAE on the scaled data."""
+
+    config: Any
+    data: ForecastingData
+
+    @classmethod
+    def from_config(cls, config) -> ForecastingTask:
+        d = config.data
+        data = load_forecasting(d.name, seq_len=d.seq_len, pred_len=d.pred_len,
+                                features=d.features, target=d.target, data_dir=d.data_dir)
+        return cls(config, data)
+
+    # -- model ----------------------------------------------------------------------------
+    def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        m = self.config.model.to_dict()
+        name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
+        return create_model(name, num_variates=self.data.num_input_variates,
+                            seq_len=self.data.seq_len, pred_len=self.data.pred_len,
+                            dtype=None if dtype == jnp.float32 else dtype, rngs=rngs, **m)
+
+    # -- batches --------------------------------------------------------------------------
+    @property
+    def train_batch_size(self) -> int:
+        return self.config.data.batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.data.eval_batch_size
+
+    def steps_per_epoch(self) -> int:
+        return self.data.train.num_batches(self.train_batch_size, drop_last=True)
+
+    def train_plan(self, epoch: int) -> list[np.ndarray]:
+        """Global batches of window indices for `epoch` (shuffled from (seed, epoch))."""
+        return self.data.train.batch_indices(self.train_batch_size, shuffle=True,
+                                             seed=self.config.seed, epoch=epoch, drop_last=True)
+
+    def load(self, split: str, indices: np.ndarray, mask: np.ndarray | None = None
+             ) -> dict[str, np.ndarray]:
+        """The rows `indices` of a split as a batch dict (x, y, mask)."""
+        x, y = self.data.split(split).get_batch(indices)
+        mask = np.ones(len(indices), bool) if mask is None else mask
+        return {"x": x, "y": y, "mask": mask}
+
+    def eval_plan(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(indices, mask) batches over a split, the last padded to full size (mask False)."""
+        n = self.data.split(split).num_windows
+        if self.config.data.max_eval_windows:
+            n = min(n, self.config.data.max_eval_windows)
+        size = self.eval_batch_size
+        for start in range(0, n, size):
+            idx = np.arange(start, min(start + size, n))
+            mask = np.ones(size, bool)
+            mask[len(idx):] = False
+            yield np.concatenate([idx, np.zeros(size - len(idx), idx.dtype)]), mask
+
+    # -- math -----------------------------------------------------------------------------
+    def predict(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+        """(B, pred_len, C_out) forecast."""
+        pred = model(batch["x"])
+        return pred[..., np.asarray(self.data.output_index)]
+
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+        return jnp.mean((self.predict(model, batch) - batch["y"]) ** 2)
+
+    def eval_sums(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        err = self.predict(model, batch) - batch["y"]
+        mask = batch["mask"].astype(err.dtype)[:, None, None]
+        return {"se": jnp.sum(mask * err**2), "ae": jnp.sum(mask * jnp.abs(err)),
+                "count": jnp.sum(mask) * err.shape[1] * err.shape[2]}
+
+    @staticmethod
+    def metrics(sums: dict[str, float]) -> dict[str, float]:
+        return {"mse": sums["se"] / sums["count"], "mae": sums["ae"] / sums["count"]}
+
+    validation_metric = "mse"
+
+
+def make_task(config) -> ForecastingTask:
+    """The task named by `config.task`."""
+    match config.task:
+        case "forecasting":
+            return ForecastingTask.from_config(config)
+    raise ValueError(f"config.task={config.task!r} is not a known task ('forecasting')")

@@ -1,0 +1,216 @@
+"""Training loop: sharding, resume after SIGKILL, NaN handling, checkpoints across device
+counts, configs and their errors. Runs on the 8 simulated CPU devices set up in conftest."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from mmx_jax.train.checkpoint import CheckpointNotFoundError
+from mmx_jax.train.evaluate import evaluate_and_report
+from mmx_jax.train.loop import NonFiniteLossError, setup, train_and_evaluate
+from mmx_jax.train.tasks import ForecastingTask
+from mmx_jax.train.writers import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8,
+                                reason="needs the 8 simulated CPU devices of conftest.py")
+
+
+def tsm2_config(arg: str = "smoke"):
+    spec = importlib.util.spec_from_file_location("tsm2_config", REPO / "configs" / "tsm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def small_config(**train):
+    config = tsm2_config("smoke")
+    config.train.log_every_steps = 1
+    config.train.update(train)
+    return config
+
+
+def losses(workdir):
+    return np.array([row["train_loss"] for row in read_metrics(workdir) if "train_loss" in row])
+
+
+def test_sharded_run_matches_one_device_and_fsdp_shards_parameters(tmp_path):
+    """Same seed and data: the (data=4, fsdp=2) loss curve equals the one-device curve."""
+    one = small_config()
+    one.mesh.update(data=1, fsdp=1)
+    result_one = train_and_evaluate(one, tmp_path / "one", devices=jax.devices()[:1])
+
+    eight = small_config()
+    eight.mesh.update(data=4, fsdp=2)
+    eight.sharding.fsdp_min_size = 32
+    result_eight = train_and_evaluate(eight, tmp_path / "eight", devices=jax.devices()[:8])
+
+    curve_one, curve_eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert len(curve_one) == len(curve_eight) == 12
+    np.testing.assert_allclose(curve_eight, curve_one, rtol=1e-5)
+    assert math.isclose(result_eight["test_mse"], result_one["test_mse"], rel_tol=1e-5)
+
+    run = setup(eight, tmp_path / "eight", devices=jax.devices()[:8], read_only=True)
+    state = run.init_state()
+    (kernel,) = jax.tree.leaves(state["model"]["head"]["kernel"])
+    assert "fsdp" in tuple(kernel.sharding.spec)
+    halves = {tuple((i.start, i.stop) for i in s.index) for s in kernel.addressable_shards}
+    assert len(halves) == 2  # each device holds one of two distinct halves
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt"])
+          if "head" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)]
+    assert mu and all("fsdp" in tuple(m.sharding.spec) for m in mu)
+
+
+def _train_command(workdir, *extra):
+    config = REPO / "configs" / "tsm2.py"
+    return [sys.executable, str(REPO / "train.py"), f"--config={config}:smoke",
+            f"--workdir={workdir}", "--config.train.num_epochs=5",
+            "--config.train.checkpoint_every_steps=2", "--config.train.log_every_steps=1",
+            "--config.model.d_model=16", "--config.data.seq_len=96", *extra]
+
+
+def _env():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=str(REPO))
+    return env
+
+
+def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
+    reference = subprocess.run(_train_command(tmp_path / "ref"), env=_env(), cwd=tmp_path,
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    want = json.loads((tmp_path / "ref" / "results.json").read_text())
+
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_command(workdir), env=_env(), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        steps = [p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if any(int(p.name) >= 6 for p in steps):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "results.json").exists(), "the run finished before it was killed"
+
+    resumed = subprocess.run(_train_command(workdir), env=_env(), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    got = json.loads((workdir / "results.json").read_text())
+    for key in ("test_mse", "test_mae", "best_val_mse", "best_step", "steps"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    np.testing.assert_allclose(losses(workdir), losses(tmp_path / "ref"), rtol=1e-6)
+
+
+class _NanOnLoad:
+    """A forecasting task whose `nan_at`-th training batch is all NaN."""
+
+    def __init__(self, task, nan_at):
+        self._task, self._calls, self._nan_at = task, 0, nan_at
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def load(self, split, indices, mask=None):
+        batch = self._task.load(split, indices, mask)
+        if split == "train":
+            self._calls += 1
+            if self._calls == self._nan_at:
+                batch["x"] = np.full_like(batch["x"], np.nan)
+        return batch
+
+
+def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = small_config(checkpoint_every_steps=2, log_every_steps=1)
+    config.mesh.update(data=1, fsdp=1)
+    task = _NanOnLoad(ForecastingTask.from_config(config), nan_at=5)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 5 "
+                       r"\(epoch 0, batch 4\); training stopped\. The last good checkpoint "
+                       r"is step 4"):
+        train_and_evaluate(config, tmp_path, task=task, devices=jax.devices()[:1])
+    run = setup(config, tmp_path, devices=jax.devices()[:1], read_only=True)
+    assert run.checkpoints.latest_step() == 4
+    state, meta, _ = run.restore("latest")
+    floats = [x for x in jax.tree.leaves(state["model"])
+              if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+    assert floats and all(np.all(np.isfinite(x)) for x in floats)
+
+
+@pytest.mark.parametrize("train_devices, eval_devices", [(8, 1), (1, 8)])
+def test_checkpoints_restore_on_a_different_device_count(tmp_path, train_devices, eval_devices):
+    config = small_config()
+    config.mesh.update(data=train_devices // 2 or 1, fsdp=2 if train_devices > 1 else 1)
+    config.sharding.fsdp_min_size = 32
+    result = train_and_evaluate(config, tmp_path, devices=jax.devices()[:train_devices])
+    saved = json.loads((tmp_path / "config.json").read_text())  # what eval.py reads
+    saved["mesh"] = {"data": eval_devices, "fsdp": 1}
+    report = evaluate_and_report(tmp_path, config=ml_collections.ConfigDict(saved),
+                                 devices=jax.devices()[:eval_devices])
+    assert report["devices"] == eval_devices and report["step"] == result["best_step"]
+    assert report["test_mse"] == pytest.approx(result["test_mse"], rel=1e-5)
+    assert (tmp_path / "eval" / "best" / "metrics.json").exists()
+    assert (tmp_path / "eval" / "best" / "forecast.png").stat().st_size > 10_000
+
+
+def test_eval_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found: is .* the workdir"):
+        evaluate_and_report(tmp_path)
+    config = small_config()
+    config.mesh.update(data=1, fsdp=1)
+    with pytest.raises(CheckpointNotFoundError, match="no best checkpoint in .*train first"):
+        evaluate_and_report(tmp_path, config=config, devices=jax.devices()[:1])
+    train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
+    with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint at step 3 in .* "
+                       r"available steps: \[\d+"):
+        evaluate_and_report(tmp_path, checkpoint=3, config=config, devices=jax.devices()[:1])
+
+
+def test_config_arguments_and_their_errors():
+    config = tsm2_config("dataset=etth2,horizon=336,seed=3")
+    assert (config.data.name, config.data.pred_len, config.seed) == ("etth2", 336, 3)
+    assert tsm2_config("paper").data.seq_len == 512
+    with pytest.raises(ValueError, match="configs/tsm2.py: unknown config argument 'horizn'; "
+                       "known arguments: dataset, horizon"):
+        tsm2_config("horizn=96")
+    with pytest.raises(ValueError, match="config argument horizon='long' is not a int"):
+        tsm2_config("horizon=long")
+
+
+def test_unknown_override_key_fails_clearly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / 'tsm2.py'}:smoke",
+         f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1"],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert ("--config.optimizer.lrr=0.1: the config has no key 'optimizer.lrr' (Did you mean "
+            '"lr" instead of "lrr"?)') in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_mesh_and_batch_errors():
+    from mmx_jax.train.sharding import build_mesh
+
+    with pytest.raises(ValueError, match="data=3 x fsdp=1 does not divide the 8 available"):
+        build_mesh(3, 1)
+    config = small_config()
+    config.data.batch_size = 12
+    config.mesh.update(data=8, fsdp=1)
+    with pytest.raises(ValueError, match="data.batch_size=12 is not divisible by the 8 devices"):
+        setup(config, "unused", devices=jax.devices()[:8], read_only=True)
