@@ -119,28 +119,27 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
     np.testing.assert_allclose(losses(workdir), losses(tmp_path / "ref"), rtol=1e-6)
 
 
-class _NanOnLoad:
-    """A forecasting task whose `nan_at`-th training batch is all NaN."""
+class _NanInBatch:
+    """A forecasting task whose `nan_at`-th training batch (1-based) is all NaN."""
 
     def __init__(self, task, nan_at):
-        self._task, self._calls, self._nan_at = task, 0, nan_at
+        self._task, self._nan_at = task, nan_at
 
     def __getattr__(self, name):
         return getattr(self._task, name)
 
-    def load(self, split, indices, mask=None):
-        batch = self._task.load(split, indices, mask)
-        if split == "train":
-            self._calls += 1
-            if self._calls == self._nan_at:
-                batch["x"] = np.full_like(batch["x"], np.nan)
-        return batch
+    def train_batches(self, start_step, steps_per_epoch):
+        for step, batch in enumerate(self._task.train_batches(start_step, steps_per_epoch),
+                                     start_step + 1):
+            if step == self._nan_at:
+                batch = {**batch, "x": np.full_like(batch["x"], np.nan)}
+            yield batch
 
 
 def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     config = small_config(checkpoint_every_steps=2, log_every_steps=1)
     config.mesh.update(data=1, fsdp=1)
-    task = _NanOnLoad(ForecastingTask.from_config(config), nan_at=5)
+    task = _NanInBatch(ForecastingTask.from_config(config), nan_at=5)
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 5 "
                        r"\(epoch 0, batch 4\); training stopped\. The last good checkpoint "
                        r"is step 4"):

@@ -41,10 +41,12 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import numpy as np
+
+if TYPE_CHECKING:
+    import grain
 
 from mmx_jax.data.augment import (
     DeitTrainTransform,
@@ -244,6 +246,8 @@ class ImageLoader:
                               shard_count=shard_count)
         self.worker_count, self.worker_buffer_size = worker_count, worker_buffer_size
         self.read_threads = read_threads
+        import grain  # noqa: PLC0415  (only this loader needs grain; the in-memory path not)
+
         self.dataset = (grain.MapDataset.source(self.plan)
                         .map(_ReadExample(source, transform, seed))
                         .batch(batch_size, drop_remainder=True))
@@ -259,6 +263,8 @@ class ImageLoader:
         """An iterator over the batches from ``start_step`` on (close it when done early)."""
         if not 0 <= start_step <= len(self):
             raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
+        import grain  # noqa: PLC0415
+
         read = grain.ReadOptions(num_threads=self.read_threads,
                                  prefetch_buffer_size=max(self.read_threads, 1))
         ds = self.dataset[start_step:].to_iter_dataset(read)

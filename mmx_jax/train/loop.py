@@ -29,7 +29,6 @@ from mmx_jax.train.sharding import (
     batch_sharding,
     build_mesh,
     global_batch,
-    process_batch_slice,
     state_shardings,
 )
 from mmx_jax.train.tasks import make_task
@@ -159,14 +158,11 @@ def _place(run: Run, local: dict[str, np.ndarray], global_size: int):
 
 
 def evaluate_split(run: Run, state, split: str, eval_step=None) -> dict[str, float]:
-    """Masked metrics of `state` over every window of `split` (the last batch padded)."""
+    """Masked metrics of `state` over every example of `split` (the last batch padded)."""
     eval_step = eval_step or _make_eval_step(run)
-    size = run.task.eval_batch_size
-    rows = process_batch_slice(size)
     totals: dict[str, float] = {}
-    for indices, mask in run.task.eval_plan(split):
-        batch = run.task.load(split, indices[rows], mask[rows])
-        sums = jax.device_get(eval_step(state, _place(run, batch, size)))
+    for batch in run.task.eval_batches(split):
+        sums = jax.device_get(eval_step(state, _place(run, batch, run.task.eval_batch_size)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     return run.task.metrics(totals)
@@ -220,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer = MetricWriter(workdir)
     tcfg = config.train
 
-    meta = {"epoch": 0, "best_val": math.inf, "best_step": -1, "bad_evals": 0,
+    worst = math.inf if run.task.validation_mode == "min" else -math.inf
+    meta = {"best_val": worst, "best_step": -1, "bad_evals": 0,
             "last_eval_step": 0, "finished": False}
     if run.checkpoints.latest_step() is not None:
         state, saved_meta, step = run.restore("latest")
@@ -233,7 +230,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_step, eval_step = _make_train_step(run), _make_eval_step(run)
     spe = run.steps_per_epoch
     eval_every = tcfg.eval_every_steps or spe
-    local_rows = process_batch_slice(run.task.train_batch_size)
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
     last_saved = run.checkpoints.latest_step()
 
@@ -263,33 +259,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     started, started_step = time.time(), step
     with _StopSignal() as stop:
         try:
+            batches = run.task.train_batches(step, spe)
             while step < run.total_steps and not meta["finished"]:
-                epoch, offset = divmod(step, spe)
-                plan = run.task.train_plan(epoch)[:spe]
-                for indices in plan[offset:]:
-                    batch = _place(run, run.task.load("train", indices[local_rows]),
-                                   run.task.train_batch_size)
-                    state, metrics = train_step(state, batch)
-                    step += 1
-                    pending.append((step, metrics))
-                    bar.update(1)
-                    if step % tcfg.log_every_steps == 0:
-                        means = check_finite()
-                        rate = (step - started_step) / max(time.time() - started, 1e-9)
-                        writer.write(step, {"train_loss": means["loss"],
-                                            "grad_norm": means["grad_norm"],
-                                            "steps_per_sec": rate})
-                        bar.set_postfix(loss=f"{means['loss']:.4f}")
-                    if step % eval_every == 0 or step == run.total_steps:
-                        check_finite()
-                        _validate(run, state, step, meta, writer, eval_step, tcfg.patience)
-                        save(step)
-                    elif step % tcfg.checkpoint_every_steps == 0:
-                        save(step)
-                    if stop.requested:
-                        raise KeyboardInterrupt("SIGTERM")
-                    if meta["finished"]:
-                        break
+                state, metrics = train_step(state, _place(run, next(batches),
+                                                          run.task.train_batch_size))
+                step += 1
+                pending.append((step, metrics))
+                bar.update(1)
+                if step % tcfg.log_every_steps == 0:
+                    means = check_finite()
+                    rate = (step - started_step) / max(time.time() - started, 1e-9)
+                    writer.write(step, {"train_loss": means["loss"],
+                                        "grad_norm": means["grad_norm"], "steps_per_sec": rate})
+                    bar.set_postfix(loss=f"{means['loss']:.4f}")
+                if step % eval_every == 0 or step == run.total_steps:
+                    check_finite()
+                    _validate(run, state, step, meta, writer, eval_step, tcfg.patience)
+                    save(step)
+                elif step % tcfg.checkpoint_every_steps == 0:
+                    save(step)
+                if stop.requested:
+                    raise KeyboardInterrupt("SIGTERM")
+                if tcfg.get("time_limit_s") and time.time() - started > tcfg.time_limit_s:
+                    log.warning("train.time_limit_s=%s reached at step %d: stopping early",
+                                tcfg.time_limit_s, step)
+                    if meta["last_eval_step"] != step:
+                        _validate(run, state, step, meta, writer, eval_step, 0)
+                    meta["finished"] = True
             meta["finished"] = True
             if last_saved != step:
                 save(step)
@@ -322,7 +318,9 @@ def _validate(run: Run, state, step: int, meta: dict, writer: MetricWriter, eval
     metrics = evaluate_split(run, state, "val", eval_step)
     value = metrics[name]
     meta["last_eval_step"] = step
-    if value < meta["best_val"]:
+    better = value < meta["best_val"] if run.task.validation_mode == "min" \
+        else value > meta["best_val"]
+    if better:
         meta.update(best_val=value, best_step=step, bad_evals=0)
         run.checkpoints.save_best(step, state, {**meta, "step": step})
     else:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from mmx_jax.data import ForecastingData, load_forecasting
 from mmx_jax.models import create_model
+from mmx_jax.train.sharding import process_batch_slice
 
 
 def compute_dtype(name: str):
@@ -69,22 +70,31 @@ class ForecastingTask:
 
     def load(self, split: str, indices: np.ndarray, mask: np.ndarray | None = None
              ) -> dict[str, np.ndarray]:
-        """The rows `indices` of a split as a batch dict (x, y, mask)."""
+        """The windows `indices` of a split as a batch dict (x, y, mask)."""
         x, y = self.data.split(split).get_batch(indices)
         mask = np.ones(len(indices), bool) if mask is None else mask
         return {"x": x, "y": y, "mask": mask}
 
-    def eval_plan(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(indices, mask) batches over a split, the last padded to full size (mask False)."""
+    def train_batches(self, start_step: int, steps_per_epoch: int
+                      ) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of every global training batch from `start_step` on (endless)."""
+        rows = process_batch_slice(self.train_batch_size)
+        epoch, offset = divmod(start_step, steps_per_epoch)
+        while True:
+            for indices in self.train_plan(epoch)[offset:steps_per_epoch]:
+                yield self.load("train", indices[rows])
+            epoch, offset = epoch + 1, 0
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of batches over a split, the last padded (mask False)."""
         n = self.data.split(split).num_windows
         if self.config.data.max_eval_windows:
             n = min(n, self.config.data.max_eval_windows)
-        size = self.eval_batch_size
+        size, rows = self.eval_batch_size, process_batch_slice(self.eval_batch_size)
         for start in range(0, n, size):
-            idx = np.arange(start, min(start + size, n))
-            mask = np.ones(size, bool)
-            mask[len(idx):] = False
-            yield np.concatenate([idx, np.zeros(size - len(idx), idx.dtype)]), mask
+            indices = np.arange(start, start + size)
+            mask = indices < n
+            yield self.load(split, np.where(mask, indices, 0)[rows], mask[rows])
 
     # -- math -----------------------------------------------------------------------------
     def predict(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
@@ -106,11 +116,16 @@ class ForecastingTask:
         return {"mse": sums["se"] / sums["count"], "mae": sums["ae"] / sums["count"]}
 
     validation_metric = "mse"
+    validation_mode = "min"
 
 
-def make_task(config) -> ForecastingTask:
-    """The task named by `config.task`."""
+def make_task(config):
+    """The task named by `config.task`: "forecasting" or "classification"."""
     match config.task:
         case "forecasting":
             return ForecastingTask.from_config(config)
-    raise ValueError(f"config.task={config.task!r} is not a known task ('forecasting')")
+        case "classification":
+            from mmx_jax.train.classification import ClassificationTask  # noqa: PLC0415
+
+            return ClassificationTask.from_config(config)
+    raise ValueError(f"config.task={config.task!r} is not 'forecasting' or 'classification'")

@@ -1,0 +1,313 @@
+r"""Reproduces the paper's TSM2 forecasting table: search on validation, then 3 seeds per row.
+
+    python benchmarks/tsm2_reproduce.py run --data-dir ../shared/data/timeseries \
+        --out results/tsm2_runs.jsonl --workers 8 --deadline 540
+    python benchmarks/tsm2_reproduce.py table --runs results/tsm2_runs.jsonl > results/tsm2.md
+    python benchmarks/tsm2_reproduce.py run --quick ...      # tiny shapes, a CPU smoke test
+
+`run` trains many configs of `configs/tsm2.py:paper` in parallel worker processes (several
+small runs share one GPU well) and appends one JSON line per finished run to --out:
+
+1. Hyper-parameter search, on the VALIDATION split only: for each data set, every candidate
+   of SEARCH_GRID at H=96, seed 0. The candidate with the lowest validation MSE is chosen for
+   all horizons of that data set (the test MSE of the candidates is recorded, never used).
+2. Final runs: the chosen candidate at H in {96, 192, 336, 720} and seeds {0, 1, 2} (the search
+   run of the winner is the seed-0 H=96 run).
+3. Shapes of the absent data sets: one epoch of Electricity (26304 x 321) and Traffic
+   (17544 x 862) shaped synthetic data, timed, with the peak GPU memory.
+
+Jobs are run in that priority order with a wall-clock deadline; whatever has not started by
+then is left out (and listed), so a rerun with the same --out completes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import importlib.util
+import json
+import multiprocessing
+import os
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # also in the spawned workers, which import this file
+DATASETS = ("etth1", "etth2", "exchange_rate", "ettm1", "ettm2", "weather")
+HORIZONS = (96, 192, 336, 720)
+SEEDS = (0, 1, 2)
+# Candidates (overrides of configs/tsm2.py:paper); chosen per data set on validation MSE.
+SEARCH_GRID = {
+    "d64_lr1e-3": {"model.d_model": 64, "optimizer.lr": 1e-3, "model.dropout": 0.2},
+    "d32_lr5e-4": {"model.d_model": 32, "optimizer.lr": 5e-4, "model.dropout": 0.3},
+}
+SYNTHETIC = {"electricity": (26304, 321), "traffic": (17544, 862)}
+PAPER_MSE = {
+    "etth1": (0.375, 0.398, 0.419, 0.422), "etth2": (0.253, 0.334, 0.347, 0.401),
+    "ettm1": (0.322, 0.349, 0.366, 0.407), "ettm2": (0.173, 0.230, 0.279, 0.388),
+    "weather": (0.161, 0.208, 0.252, 0.337), "exchange_rate": (0.163, 0.229, 0.383, 0.999),
+    "electricity": (0.142, 0.153, 0.175, 0.209), "traffic": (0.396, 0.408, 0.427, 0.449),
+}
+
+
+def load_config(arg: str):
+    spec = importlib.util.spec_from_file_location("tsm2_config", REPO / "configs" / "tsm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def job_config(job: dict, quick: bool):
+    config = load_config(f"paper,dataset={job['dataset']},horizon={job['horizon']},"
+                         f"seed={job['seed']}")
+    config.data.data_dir = job.get("data_dir")
+    if quick:  # CPU smoke: tiny model, few steps
+        config.data.seq_len = 96
+        config.model.update(d_model=8, num_layers=1, state_dim=4, scan_impl="sequential")
+        config.train.update(num_epochs=1, steps_per_epoch=3, log_every_steps=1)
+        config.data.update(batch_size=8, eval_batch_size=64, max_eval_windows=64)
+    config.update_from_flattened_dict(job.get("overrides", {}))
+    return config
+
+
+def _worker_init(cache_dir: str | None):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ["TQDM_DISABLE"] = "1"  # many workers share one log
+    import jax
+
+    if cache_dir:  # seeds and reruns of a shape reuse its compiled executables
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def run_job(job: dict, quick: bool, workroot: str) -> dict:
+    """Trains one configuration; returns its results (or the error)."""
+    import logging
+
+    import jax
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from mmx_jax.data import synthetic_forecasting
+    from mmx_jax.train.loop import train_and_evaluate
+    from mmx_jax.train.tasks import ForecastingTask
+
+    started = time.time()
+    out = dict(job)
+    try:
+        config = job_config(job, quick)
+        workdir = pathlib.Path(workroot) / job["tag"]
+        task = None
+        if job["kind"] == "synthetic":
+            rows, variates = SYNTHETIC[job["dataset"]]
+            data = synthetic_forecasting(rows, variates, seq_len=config.data.seq_len,
+                                         pred_len=config.data.pred_len, seed=0)
+            config.train.num_epochs = 1
+            config.data.batch_size = 16 if not quick else 8
+            task = ForecastingTask(config, data)
+        results = train_and_evaluate(config, workdir, task=task)
+        out.update(results)
+        out["train_steps_per_sec"] = _last_rate(workdir)
+        stats = jax.local_devices()[0].memory_stats() or {}
+        out["peak_gpu_mib"] = stats.get("peak_bytes_in_use", 0) / 2**20
+        out["params"] = _params(config, task)
+    except Exception as err:  # noqa: BLE001  (one failed run must not stop the others)
+        out["error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-2000:]}"
+    out["wall_s"] = time.time() - started
+    return out
+
+
+def _last_rate(workdir: pathlib.Path) -> float | None:
+    rates = [json.loads(line).get("steps_per_sec") for line in
+             (workdir / "metrics.jsonl").read_text().splitlines() if "steps_per_sec" in line]
+    return rates[-1] if rates else None
+
+
+def _params(config, task) -> int:
+    from flax import nnx
+
+    from mmx_jax.models import count_params
+    from mmx_jax.train.tasks import make_task
+
+    task = task or make_task(config)
+    return count_params(nnx.eval_shape(lambda: task.create_model(nnx.Rngs(0))))
+
+
+def _search_jobs(data_dir):
+    for dataset in DATASETS:
+        for name, overrides in SEARCH_GRID.items():
+            yield dict(kind="search", dataset=dataset, horizon=96, seed=0, candidate=name,
+                       overrides=overrides, data_dir=data_dir,
+                       tag=f"{dataset}_96_s0_{name}")
+
+
+def _final_jobs(dataset, candidate, data_dir):
+    for seed in SEEDS:
+        for horizon in HORIZONS:
+            if (seed, horizon) == (0, 96):
+                continue  # the winning search run
+            yield dict(kind="final", dataset=dataset, horizon=horizon, seed=seed,
+                       candidate=candidate, overrides=SEARCH_GRID[candidate],
+                       data_dir=data_dir, tag=f"{dataset}_{horizon}_s{seed}_{candidate}")
+
+
+def _synthetic_jobs():
+    for dataset in SYNTHETIC:
+        yield dict(kind="synthetic", dataset=dataset, horizon=96, seed=0,
+                   candidate="d64_lr1e-3", overrides=SEARCH_GRID["d64_lr1e-3"],
+                   tag=f"{dataset}_synthetic")
+
+
+def choose(search_rows: list[dict]) -> str:
+    """The candidate with the lowest validation MSE (test MSE is never looked at)."""
+    ok = [r for r in search_rows if "error" not in r]
+    return min(ok, key=lambda r: r["best_val_mse"])["candidate"]
+
+
+def cmd_run(args):
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            if "error" not in row:
+                done[row["tag"]] = row
+    deadline = time.time() + args.deadline
+    ctx = multiprocessing.get_context("spawn")
+    pool = cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init,
+                                  initargs=(args.cache_dir,))
+    search = collections.defaultdict(list)
+    pending: dict[cf.Future, dict] = {}
+    queue = list(_synthetic_jobs()) + list(_search_jobs(args.data_dir))
+    if args.datasets:
+        wanted = set(args.datasets.split(","))
+        queue = [j for j in queue if j["dataset"] in wanted or j["kind"] == "synthetic"]
+    if args.no_synthetic:
+        queue = [j for j in queue if j["kind"] != "synthetic"]
+
+    def record(row):
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        status = "ERROR " + row["error"].splitlines()[0] if "error" in row else \
+            f"test_mse={row.get('test_mse', float('nan')):.4f} " \
+            f"val_mse={row.get('best_val_mse', float('nan')):.4f}"
+        print(f"[{time.strftime('%H:%M:%S')}] {row['tag']}: {status} ({row['wall_s']:.0f}s)",
+              flush=True)
+
+    def after_search(row):
+        search[row["dataset"]].append(row)
+        if len(search[row["dataset"]]) == len(SEARCH_GRID):
+            winner = choose(search[row["dataset"]])
+            print(f"search {row['dataset']}: chose {winner}", flush=True)
+            # Final runs go before the remaining searches of other data sets.
+            queue[:0] = list(_final_jobs(row["dataset"], winner, args.data_dir))
+
+    while queue or pending:
+        while queue and len(pending) < args.workers and time.time() < deadline:
+            job = queue.pop(0)
+            if job["tag"] in done:
+                row = done[job["tag"]]
+                if job["kind"] == "search":
+                    after_search(row)
+                continue
+            pending[pool.submit(run_job, job, args.quick, args.workroot)] = job
+        if not pending:
+            break
+        finished, _ = cf.wait(pending, timeout=max(1.0, deadline - time.time()),
+                              return_when=cf.FIRST_COMPLETED)
+        if not finished and time.time() >= deadline:
+            break
+        for future in finished:
+            pending.pop(future)
+            row = future.result()
+            record(row)
+            if row["kind"] == "search" and "error" not in row:
+                after_search(row)
+    left = [j["tag"] for j in pending.values()] + [j["tag"] for j in queue]
+    if left:
+        print(f"deadline: {len(left)} runs not finished: {', '.join(left)}", flush=True)
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=not left, cancel_futures=True)
+    for proc in workers:  # runs still going at the deadline are abandoned
+        proc.terminate()
+
+
+def _fmt(values):
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def cmd_table(args):
+    rows = [json.loads(line) for line in pathlib.Path(args.runs).read_text().splitlines()]
+    ok = [r for r in rows if "error" not in r]
+    winners = {}
+    for dataset in DATASETS:
+        cands = [r for r in ok if r["dataset"] == dataset and r["kind"] == "search"]
+        if len(cands) == len(SEARCH_GRID):
+            winners[dataset] = choose(cands)
+    print("| data set | H | ours MSE (mean ± std, 3 seeds) | ours MAE | paper MSE | "
+          "train time per run (s) | command |")
+    print("|---|---|---|---|---|---|---|")
+    for dataset in DATASETS:
+        cand = winners.get(dataset)
+        means = []
+        for i, horizon in enumerate(HORIZONS):
+            runs = [r for r in ok if r["dataset"] == dataset and r["horizon"] == horizon
+                    and r.get("candidate") == cand and r["kind"] in ("search", "final")]
+            mse = [r["test_mse"] for r in runs]
+            mae = [r["test_mae"] for r in runs]
+            if len(mse) == len(SEEDS):
+                means.append(statistics.mean(mse))
+            wall = statistics.mean(r["wall_s"] for r in runs) if runs else float("nan")
+            overrides = " ".join(f"--config.{k}={v}" for k, v in
+                                 (SEARCH_GRID[cand].items() if cand else []))
+            command = (f"`python train.py --config configs/tsm2.py:paper,dataset={dataset},"
+                       f"horizon={horizon},seed=S {overrides}`")
+            print(f"| {dataset} | {horizon} | {_fmt(mse)} | {_fmt(mae)} | "
+                  f"{PAPER_MSE[dataset][i]:.3f} | {wall:.0f} | {command} |")
+        paper_mean = statistics.mean(PAPER_MSE[dataset])
+        ours = f"{statistics.mean(means):.3f}" if len(means) == len(HORIZONS) else "incomplete"
+        print(f"| {dataset} | mean | {ours} | | {paper_mean:.3f} | | chosen: {cand} |")
+    print()
+    print("| absent data set (synthetic data of its shape) | variates | one epoch (s) | "
+          "steps/s | peak GPU MiB | params |")
+    print("|---|---|---|---|---|---|")
+    for r in ok:
+        if r["kind"] == "synthetic":
+            print(f"| {r['dataset']} | {SYNTHETIC[r['dataset']][1]} | {r['wall_s']:.0f} | "
+                  f"{r.get('train_steps_per_sec') or 0:.1f} | {r['peak_gpu_mib']:.0f} | "
+                  f"{r['params']} |")
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        print(f"\nerror in {r['tag']}: {r['error'].splitlines()[0]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "timeseries"))
+    run.add_argument("--out", default="results/tsm2_runs.jsonl")
+    run.add_argument("--workroot", default="runs/tsm2_reproduce")
+    run.add_argument("--workers", type=int, default=8)
+    run.add_argument("--deadline", type=float, default=540.0, help="seconds")
+    run.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache")
+    run.add_argument("--datasets", default="", help="comma-separated subset")
+    run.add_argument("--no-synthetic", action="store_true")
+    run.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    table = sub.add_parser("table")
+    table.add_argument("--runs", default="results/tsm2_runs.jsonl")
+    args = parser.parse_args()
+    {"run": cmd_run, "table": cmd_table}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Image classification task: sources, the in-memory and grain pipelines, loss and metrics.
+
+Two pipelines (`config.data.pipeline`):
+
+* "memory": each split decoded once into a uint8 array (`decode_to_arrays`, cached), batches
+  gathered from it, and the small-image augmentation (pad-4 random crop + flip, optional
+  mixup/cutmix) done on device inside the jitted step. For CIFAR-sized data.
+* "grain": a grain loader with worker processes reading the source and applying the DeiT/Swin
+  per-example recipe (random-resized crop, flip, RandAugment, random erasing); mixup/cutmix
+  and label smoothing on device. For ImageNet-sized data.
+
+Validation uses `data.val_holdout` training examples held out from the training split (the
+last ones of a fixed permutation), or the evaluation split when it is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mmx_jax.data import images as img
+from mmx_jax.models import create_model
+from mmx_jax.train.sharding import process_batch_slice
+
+
+class _Subset:
+    """Records `indices` of a source, as a source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices)
+        self.class_names = source.class_names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
+
+
+def _holdout_split(n: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0 <= holdout < n:
+        raise ValueError(f"data.val_holdout={holdout} must be in [0, {n}) for a training split "
+                         f"of {n} examples")
+    order = np.random.default_rng(1234).permutation(n)
+    return np.sort(order[:n - holdout]), np.sort(order[n - holdout:])
+
+
+@dataclasses.dataclass
+class ClassificationTask:
+    """Softmax classification with label smoothing; metrics top-1, top-5 and loss."""
+
+    config: Any
+    sources: dict[str, Any]  # "train", "val", "test" -> ImageArrays or source
+    num_classes: int
+
+    validation_metric = "top1"
+    validation_mode = "max"
+
+    @classmethod
+    def from_config(cls, config) -> ClassificationTask:
+        d = config.data
+        channels = d.channels or None
+        train = img.open_image_source(d.name, d.train_split, data_dir=d.data_dir,
+                                      channels=channels, cache_dir=d.cache_dir)
+        test = img.open_image_source(d.name, d.eval_split, data_dir=d.data_dir,
+                                     channels=channels, cache_dir=d.cache_dir)
+        if d.pipeline == "memory":
+            size = d.image_size or None
+            train = img.decode_to_arrays(train, image_size=size, cache_dir=d.cache_dir)
+            test = img.decode_to_arrays(test, image_size=size, cache_dir=d.cache_dir)
+        elif d.pipeline != "grain":
+            raise ValueError(f"data.pipeline={d.pipeline!r} is not 'memory' or 'grain'")
+        if d.val_holdout:
+            keep, held = _holdout_split(len(train), d.val_holdout)
+            if d.pipeline == "memory":
+                val = img.ImageArrays(train.images[held], train.labels[held], train.class_names)
+                train = img.ImageArrays(train.images[keep], train.labels[keep],
+                                        train.class_names)
+            else:
+                val, train = _Subset(train, held), _Subset(train, keep)
+        else:
+            val = test
+        return cls(config, {"train": train, "val": val, "test": test}, len(train.class_names))
+
+    # -- model ----------------------------------------------------------------------------
+    def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        from mmx_jax.train.tasks import compute_dtype  # noqa: PLC0415
+
+        m = self.config.model.to_dict()
+        name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
+        return create_model(name, num_classes=self.num_classes,
+                            dtype=None if dtype == jnp.float32 else dtype, rngs=rngs, **m)
+
+    # -- batches --------------------------------------------------------------------------
+    @property
+    def train_batch_size(self) -> int:
+        return self.config.data.batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.data.eval_batch_size
+
+    def _local(self, global_size: int) -> int:
+        rows = process_batch_slice(global_size)
+        return rows.stop - rows.start
+
+    def steps_per_epoch(self) -> int:
+        return len(self.sources["train"]) // self.train_batch_size
+
+    def train_batches(self, start_step: int, steps_per_epoch: int
+                      ) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of each training batch from `start_step` on (endless)."""
+        d, seed = self.config.data, self.config.seed
+        local = self._local(self.train_batch_size)
+        if d.pipeline == "memory":
+            stream = img.array_batches(self.sources["train"], batch_size=local, train=True,
+                                       seed=seed, num_epochs=None, start_step=start_step)
+        else:
+            transform = img.DeitTrainTransform(
+                size=d.image_size, randaugment_ops=d.randaugment_ops,
+                randaugment_magnitude=d.randaugment_magnitude, erasing_prob=d.erasing_prob)
+            loader = img.ImageLoader(self.sources["train"], batch_size=local, train=True,
+                                     seed=seed, transform=transform, num_epochs=None,
+                                     worker_count=d.workers)
+            stream = loader.iterate(start_step)
+        for step, batch in enumerate(stream, start_step):
+            # One augmentation seed per global step, the same on every process.
+            yield {"image": batch["image"], "label": batch["label"],
+                   "seed": np.full(len(batch["label"]), step, np.uint32)}
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        d = self.config.data
+        local = self._local(self.eval_batch_size)
+        source = self.sources[split]
+        if isinstance(source, img.ImageArrays):
+            stream = img.array_batches(source, batch_size=local, train=False)
+        else:
+            stream = img.ImageLoader(source, batch_size=local, train=False,
+                                     transform=img.EvalTransform(size=d.image_size),
+                                     worker_count=d.workers).iterate(0)
+        for batch in stream:
+            yield {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}
+
+    # -- math -----------------------------------------------------------------------------
+    def _normalize(self, images):
+        return img.normalize(images, self.config.data.mean, self.config.data.std)
+
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+        d = self.config.data
+        key = jax.random.fold_in(jax.random.key(self.config.seed), batch["seed"][0])
+        k_crop, k_mix = jax.random.split(key)
+        images = batch["image"]
+        if d.pipeline == "memory" and d.crop_padding >= 0:
+            images = img.random_crop_flip(k_crop, images, padding=d.crop_padding)
+        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
+            images, targets = img.mixup_cutmix(
+                k_mix, images, batch["label"], num_classes=self.num_classes,
+                mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, prob=d.mix_prob,
+                label_smoothing=d.label_smoothing)
+        else:
+            targets = img.smooth_labels(batch["label"], self.num_classes, d.label_smoothing)
+        logits = model(self._normalize(images))
+        return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+    def predict(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+        return model(self._normalize(batch["image"])).astype(jnp.float32)
+
+    def eval_sums(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = self.predict(model, batch)
+        labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+        top5 = jax.lax.top_k(logits, min(5, self.num_classes))[1]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {"correct1": jnp.sum(mask * (top5[:, 0] == labels)),
+                "correct5": jnp.sum(mask * jnp.any(top5 == labels[:, None], axis=1)),
+                "loss": jnp.sum(mask * loss), "count": jnp.sum(mask)}
+
+    @staticmethod
+    def metrics(sums: dict[str, float]) -> dict[str, float]:
+        n = sums["count"]
+        return {"top1": sums["correct1"] / n, "top5": sums["correct5"] / n,
+                "loss": sums["loss"] / n}
