@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         checkpoint_every_steps=100,
         keep_checkpoints=2,
         patience=3,  # epochs (validations) without improvement before stopping; 0 disables
-        time_limit_s=0,  # stop (validate, save) after this many seconds; 0: no limit
+        time_limit_s=0.0,  # stop (validate, save) after this many seconds; 0: no limit
     )
     config.mesh = dict(data=-1, fsdp=1)
     config.sharding = dict(

@@ -42,6 +42,9 @@ def normalize(images, mean: Sequence[float], std: Sequence[float], dtype=jnp.flo
       dtype: the output float dtype.
     """
     xp = np if isinstance(images, np.ndarray) else jnp
+    if max(mean) > 1 or max(std) > 1 or min(std) <= 0:
+        raise ValueError(f"normalize: mean {tuple(mean)} and std {tuple(std)} must be in 0..1 "
+                         "units (e.g. CIFAR10_MEAN), not pixel units")
     if np.shape(images)[-1] != len(mean) or len(mean) != len(std):
         raise ValueError(f"images have {np.shape(images)[-1]} channels (shape "
                          f"{np.shape(images)}), mean {len(mean)} and std {len(std)} values")

@@ -23,10 +23,13 @@ from mmx_jax.layers.scans import (
     CROSS_SCAN,
     apply_scans,
     inverse_permutation,
+    scan_map,
     scan_order,
     scan_orders,
     undo_scans,
+    unscan_map,
 )
+from mmx_jax.layers.switch_of_scans import PairedS6, ScanGate, SwitchOfScansTokenMixer
 
 __all__ = [
     "ALL_ORDERS",
@@ -36,10 +39,13 @@ __all__ = [
     "CrossScanTokenMixer",
     "DropPath",
     "MambaMixerStack",
+    "PairedS6",
     "ResidualBlock",
     "S6",
+    "ScanGate",
     "SelectiveChannelMixer",
     "SelectiveTokenMixer",
+    "SwitchOfScansTokenMixer",
     "apply_scans",
     "averaging_layout",
     "causal_depthwise_conv1d",
@@ -47,7 +53,9 @@ __all__ = [
     "make_norm",
     "residual_init",
     "scan_order",
+    "scan_map",
     "scan_orders",
     "shift_right",
     "undo_scans",
+    "unscan_map",
 ]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmx_jax.layers.s6 import S6
-from mmx_jax.layers.scans import CROSS_SCAN, apply_scans, scan_orders, undo_scans
+from mmx_jax.layers.scans import CROSS_SCAN, scan_map, unscan_map
 
 
 def causal_depthwise_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -139,9 +139,7 @@ class CrossScanTokenMixer(_GatedSelectiveMixer):
 
     def mix(self, u: jax.Array) -> jax.Array:
         b, h, w, e = u.shape
-        u = jax.nn.silu(self.conv(u)).reshape(b, h * w, e)
-        perms = scan_orders(self.scans, h, w)
-        y = undo_scans(self.s6(apply_scans(u, perms)), perms)
+        y = unscan_map(self.s6(scan_map(jax.nn.silu(self.conv(u)), self.scans)), self.scans, h, w)
         return y.sum(axis=2).reshape(b, h, w, e)
 
 

@@ -85,3 +85,51 @@ def undo_scans(y: jax.Array, perms) -> jax.Array:
         inv = jnp.argsort(perms, axis=-1)
     index = inv[None] if inv.ndim == 2 else inv
     return jnp.moveaxis(_gather_tokens(jnp.moveaxis(y, 2, 1), index), 1, 2)
+
+
+def _split_name(name: str) -> tuple[str, bool]:
+    base, reverse = (name[:-4], True) if name.endswith("_rev") else (name, False)
+    if base not in BASE_ORDERS:
+        raise ValueError(f"scan order {name!r} is not one of {ALL_ORDERS}")
+    return base, reverse
+
+
+def _snake(grid: jax.Array) -> jax.Array:
+    """Reverses every odd row of (B, R, C, E): an involution."""
+    odd = (jnp.arange(grid.shape[1]) % 2 == 1)[None, :, None, None]
+    return jnp.where(odd, grid[:, :, ::-1], grid)
+
+
+def scan_map(x: jax.Array, names) -> jax.Array:
+    """Scans a (B, H, W, E) map in fixed orders with layout ops (reshape, transpose, flip).
+
+    Equal to `apply_scans(x.reshape(B, H*W, E), scan_orders(names, H, W))`, without a gather
+    (whose backward is a scatter): (B, H*W, K, E).
+    """
+    b, h, w, e = x.shape
+    seqs = []
+    for name in names:
+        base, reverse = _split_name(name)
+        grid = x if base in ("row", "snake_row") else jnp.swapaxes(x, 1, 2)
+        if base.startswith("snake"):
+            grid = _snake(grid)
+        seq = grid.reshape(b, h * w, e)
+        seqs.append(seq[:, ::-1] if reverse else seq)
+    return jnp.stack(seqs, axis=2)
+
+
+def unscan_map(y: jax.Array, names, height: int, width: int) -> jax.Array:
+    """Inverse of `scan_map`: (B, H*W, K, E) in scan orders -> (B, H*W, K, E) row-major."""
+    b, length, k, e = y.shape
+    out = []
+    for i, name in enumerate(names):
+        base, reverse = _split_name(name)
+        seq = y[:, ::-1, i] if reverse else y[:, :, i]
+        rows, cols = (height, width) if base in ("row", "snake_row") else (width, height)
+        grid = seq.reshape(b, rows, cols, e)
+        if base.startswith("snake"):
+            grid = _snake(grid)
+        if base in ("col", "snake_col"):
+            grid = jnp.swapaxes(grid, 1, 2)
+        out.append(grid.reshape(b, length, e))
+    return jnp.stack(out, axis=2)
