@@ -29,7 +29,7 @@ from mmx_jax.layers.scans import (
     undo_scans,
     unscan_map,
 )
-from mmx_jax.layers.switch_of_scans import PairedS6, ScanGate, SwitchOfScansTokenMixer
+from mmx_jax.layers.switch_of_scans import ScanGate, SwitchOfScansTokenMixer
 
 __all__ = [
     "ALL_ORDERS",
@@ -39,7 +39,6 @@ __all__ = [
     "CrossScanTokenMixer",
     "DropPath",
     "MambaMixerStack",
-    "PairedS6",
     "ResidualBlock",
     "S6",
     "ScanGate",

@@ -91,7 +91,7 @@ class SelectiveTokenMixer(_GatedSelectiveMixer):
                                maxval=1) / conv_width ** 0.5)
         self.conv_bias = nnx.Param(jnp.zeros((convs * self.inner,)))
         self.s6 = S6(self.inner, num_directions=k, state_dim=state_dim, dt_rank=dt_rank,
-                     model_dim=dim, share_A=self.quasi_separable,
+                     model_dim=dim, directions_per_A=2 if self.quasi_separable else 1,
                      use_D=not self.quasi_separable, impl=impl, dtype=dtype, rngs=rngs)
         self.D = nnx.Param(jnp.ones((self.inner,))) if self.quasi_separable else None
 

@@ -39,14 +39,15 @@ class S6(nnx.Module):
       state_dim: N.
       dt_rank: rank of the step-size projection; "auto" is ceil(model_dim / 16).
       model_dim: D, used only for dt_rank="auto".
-      share_A: one A_log (E, N) for all directions (the quasi-separable mixer) instead of K.
+      directions_per_A: consecutive directions sharing one A_log (E, N): 1 (each its own),
+        2 (forward/backward pairs of quasi-separable scans), K (all of them).
       use_D: learn a skip D per direction (off when the caller adds its own skip).
     """
 
     def __init__(self, channels: int, *, num_directions: int = 1, state_dim: int = 16,
                  dt_rank: int | str = "auto", model_dim: int | None = None,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
-                 share_A: bool = False, use_D: bool = True, impl: str = "auto",
+                 directions_per_A: int = 1, use_D: bool = True, impl: str = "auto",
                  dtype=None, rngs: nnx.Rngs):
         if dt_rank == "auto":
             dt_rank = math.ceil((model_dim or channels) / 16)
@@ -60,8 +61,12 @@ class S6(nnx.Module):
                                                     minval=-1, maxval=1) / math.sqrt(r))
         self.dt_bias = nnx.Param(dt_bias_init(rngs.params(), (k, e), dt_min, dt_max,
                                               dt_init_floor))
-        a_rows = 1 if share_A else k
-        self.A_log = nnx.Param(jnp.asarray(np.broadcast_to(s4d_real_log(e, n), (a_rows, e, n))))
+        if k % directions_per_A:
+            raise ValueError(f"S6: directions_per_A={directions_per_A} does not divide "
+                             f"num_directions={k}")
+        self.directions_per_A = directions_per_A
+        self.A_log = nnx.Param(jnp.asarray(np.broadcast_to(
+            s4d_real_log(e, n), (k // directions_per_A, e, n))))
         self.D = nnx.Param(jnp.ones((k, e))) if use_D else None
 
     def __call__(self, u: jax.Array) -> jax.Array:
@@ -76,7 +81,8 @@ class S6(nnx.Module):
         r, n = self.dt_rank, self.state_dim
         dt, Bm, Cm = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
         delta = jnp.einsum("blkr,kre->blke", dt, self.dt_proj[...].astype(dtype))
-        A = -jnp.exp(jnp.broadcast_to(self.A_log[...], (k, e, n)).astype(jnp.float32))
+        A = -jnp.exp(jnp.repeat(self.A_log[...].astype(jnp.float32), self.directions_per_A,
+                                axis=0))
         y = selective_scan(
             u.reshape(b, length, k * e), delta.reshape(b, length, k * e), A.reshape(k * e, n),
             Bm, Cm, D=None if self.D is None else self.D[...].reshape(k * e),

@@ -36,53 +36,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mmx_jax.layers.mixers import _GatedSelectiveMixer, shift_right
-from mmx_jax.layers.s6 import S6, s4d_real_log
+from mmx_jax.layers.s6 import S6
 from mmx_jax.layers.scans import ALL_ORDERS, apply_scans, scan_orders, undo_scans
-from mmx_jax.ssm import selective_scan
-
-
-class PairedS6(S6):
-    """S6 with 2k directions in k pairs (forward, backward), A shared within each pair.
-
-    The quasi-separable scan of one slot: its two directions differ only in x_proj, dt_proj
-    and dt_bias. Directions are ordered [f_0, b_0, f_1, b_1, ...]; there is no D (the mixer
-    adds one skip per slot).
-    """
-
-    def __init__(self, channels: int, *, num_pairs: int, state_dim: int = 16,
-                 dt_rank: int | str = "auto", model_dim: int | None = None,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
-                 impl: str = "auto", dtype=None, rngs: nnx.Rngs):
-        super().__init__(channels, num_directions=2 * num_pairs, state_dim=state_dim,
-                         dt_rank=dt_rank, model_dim=model_dim, dt_min=dt_min, dt_max=dt_max,
-                         dt_init_floor=dt_init_floor, use_D=False, impl=impl, dtype=dtype,
-                         rngs=rngs)
-        self.num_pairs = num_pairs
-        self.A_log = nnx.Param(jnp.asarray(np.broadcast_to(
-            s4d_real_log(channels, state_dim), (num_pairs, channels, state_dim))))
-
-    def __call__(self, u: jax.Array) -> jax.Array:
-        """u: (B, L, 2k, E), each direction already in its own scan order -> y (B, L, 2k, E)."""
-        b, length, k, e = u.shape
-        if (k, e) != (self.num_directions, self.channels):
-            raise ValueError(f"PairedS6: input has shape {u.shape}, wanted (B, L, "
-                             f"{self.num_directions}, {self.channels})")
-        dtype = self.dtype or u.dtype
-        u = u.astype(dtype)
-        x_dbl = jnp.einsum("blke,ker->blkr", u, self.x_proj[...].astype(dtype))
-        r, n = self.dt_rank, self.state_dim
-        dt, Bm, Cm = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
-        delta = jnp.einsum("blkr,kre->blke", dt, self.dt_proj[...].astype(dtype))
-        A = -jnp.exp(jnp.repeat(self.A_log[...].astype(jnp.float32), 2, axis=0))
-        y = selective_scan(
-            u.reshape(b, length, k * e), delta.reshape(b, length, k * e), A.reshape(k * e, n),
-            Bm, Cm, delta_bias=self.dt_bias[...].reshape(k * e), delta_softplus=True,
-            impl=self.impl)
-        return y.reshape(b, length, k, e)
 
 
 class ScanGate(nnx.Module):
@@ -145,7 +103,8 @@ class SwitchOfScansTokenMixer(_GatedSelectiveMixer):
         s6_args = dict(state_dim=state_dim, dt_rank=dt_rank, model_dim=dim, impl=impl,
                        dtype=dtype, rngs=rngs)
         if quasi_separable:
-            self.s6 = PairedS6(self.inner, num_pairs=top_k, **s6_args)
+            self.s6 = S6(self.inner, num_directions=2 * top_k, directions_per_A=2, use_D=False,
+                         **s6_args)
             self.D = nnx.Param(jnp.ones((top_k, self.inner)))
         else:
             self.s6 = S6(self.inner, num_directions=top_k, **s6_args)

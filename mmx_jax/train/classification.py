@@ -26,8 +26,8 @@ import optax
 from flax import nnx
 
 from mmx_jax.data import images as img
-from mmx_jax.models import create_model
 from mmx_jax.train.sharding import process_batch_slice
+from mmx_jax.train.tasks import Task
 
 
 class _Subset:
@@ -53,7 +53,7 @@ def _holdout_split(n: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclasses.dataclass
-class ClassificationTask:
+class ClassificationTask(Task):
     """Softmax classification with label smoothing; metrics top-1, top-5 and loss."""
 
     config: Any
@@ -91,22 +91,9 @@ class ClassificationTask:
 
     # -- model ----------------------------------------------------------------------------
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        from mmx_jax.train.tasks import compute_dtype  # noqa: PLC0415
-
-        m = self.config.model.to_dict()
-        name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
-        return create_model(name, num_classes=self.num_classes,
-                            dtype=None if dtype == jnp.float32 else dtype, rngs=rngs, **m)
+        return self._create_model(rngs, num_classes=self.num_classes)
 
     # -- batches --------------------------------------------------------------------------
-    @property
-    def train_batch_size(self) -> int:
-        return self.config.data.batch_size
-
-    @property
-    def eval_batch_size(self) -> int:
-        return self.config.data.eval_batch_size
-
     def _local(self, global_size: int) -> int:
         rows = process_batch_slice(global_size)
         return rows.stop - rows.start

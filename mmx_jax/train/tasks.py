@@ -29,8 +29,29 @@ def compute_dtype(name: str):
         raise ValueError(f"model.dtype={name!r} is not 'float32' or 'bfloat16'") from None
 
 
+class Task:
+    """What every task takes from its config: the batch sizes and the registry model."""
+
+    config: Any
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.config.data.batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.data.eval_batch_size
+
+    def _create_model(self, rngs: nnx.Rngs, **data_shapes) -> nnx.Module:
+        """`config.model` names the model and its arguments; the data fixes its shapes."""
+        m = self.config.model.to_dict()
+        name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
+        return create_model(name, dtype=None if dtype == jnp.float32 else dtype, rngs=rngs,
+                            **data_shapes, **m)
+
+
 @dataclasses.dataclass
-class ForecastingTask:
+class ForecastingTask(Task):
     """Multivariate forecasting with MSE loss; metrics MSE and MAE on the scaled data."""
 
     config: Any
@@ -45,21 +66,10 @@ class ForecastingTask:
 
     # -- model ----------------------------------------------------------------------------
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        m = self.config.model.to_dict()
-        name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
-        return create_model(name, num_variates=self.data.num_input_variates,
-                            seq_len=self.data.seq_len, pred_len=self.data.pred_len,
-                            dtype=None if dtype == jnp.float32 else dtype, rngs=rngs, **m)
+        return self._create_model(rngs, num_variates=self.data.num_input_variates,
+                                  seq_len=self.data.seq_len, pred_len=self.data.pred_len)
 
     # -- batches --------------------------------------------------------------------------
-    @property
-    def train_batch_size(self) -> int:
-        return self.config.data.batch_size
-
-    @property
-    def eval_batch_size(self) -> int:
-        return self.config.data.eval_batch_size
-
     def steps_per_epoch(self) -> int:
         return self.data.train.num_batches(self.train_batch_size, drop_last=True)
 
