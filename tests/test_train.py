@@ -213,3 +213,27 @@ def test_mesh_and_batch_errors():
     config.mesh.update(data=8, fsdp=1)
     with pytest.raises(ValueError, match="data.batch_size=12 is not divisible by the 8 devices"):
         setup(config, "unused", devices=jax.devices()[:8], read_only=True)
+
+
+def test_ema_of_the_weights_follows_its_formula(tmp_path):
+    from flax import nnx
+
+    from mmx_jax.train.loop import _make_train_step, _place
+
+    config = small_config()
+    config.mesh.update(data=1, fsdp=1)
+    config.optimizer.ema_decay = 0.75
+    run = setup(config, tmp_path, devices=jax.devices()[:1])
+    state = run.init_state()
+    step = _make_train_step(run)
+    batches = run.task.train_batches(0, run.steps_per_epoch)
+    want = jax.tree.map(np.asarray, state["ema"])
+    for _ in range(2):
+        state, _ = step(state, _place(run, next(batches), run.task.train_batch_size))
+        params = nnx.state(nnx.merge(run.graphdefs["model"], state["model"]), nnx.Param)
+        want = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * np.asarray(p), want, params)
+    for got, expected in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    ema_model, raw_model = run.model(state), run.model(state, use_ema=False)
+    assert not np.allclose(ema_model.head.kernel[...], raw_model.head.kernel[...])
+    np.testing.assert_allclose(ema_model.head.kernel[...], state["ema"]["head"]["kernel"][...])

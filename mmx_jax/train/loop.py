@@ -75,10 +75,12 @@ class Run:
         return self.checkpoints.restore(which, target)
 
     def model(self, state, *, use_ema: bool = True) -> nnx.Module:
-        """The model of a state (with EMA weights when the state has them)."""
-        model = nnx.merge(self.graphdefs["model"], state["model"])
-        if use_ema and state.get("ema") is not None:
-            nnx.update(model, state["ema"])
+        """The model of a state (with EMA weights when the state has them); `state` itself is
+        left untouched."""
+        ema = state.get("ema") if use_ema else None
+        model = nnx.merge(self.graphdefs["model"], state["model"], copy=ema is not None)
+        if ema is not None:
+            nnx.update(model, ema)
         return model
 
 
