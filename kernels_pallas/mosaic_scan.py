@@ -29,7 +29,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.scan_vjp import Grads, Normalised, Options, sigmoid, softplus
+from kernels_pallas.scan_vjp import (
+    Grads,
+    Normalised,
+    Options,
+    sigmoid,
+    split_refs,
+    step_size,
+)
 
 LANES = 128
 
@@ -111,23 +118,9 @@ class _Block:
         return jnp.where(valid, col, 0.0)
 
 
-def _split_refs(refs, flags):
-    it = iter(refs)
-    return [next(it) if f else None for f in flags], list(it)
-
-
-def _step_size(blk: _Block, dt_raw, bias, opts: Options, valid):
-    x = dt_raw + bias if bias is not None else dt_raw
-    if opts.delta_softplus:
-        dt, slope = softplus(x), sigmoid(x)
-    else:
-        dt, slope = x, None
-    return jnp.where(valid & blk.e_ok, dt, 0.0), slope
-
-
 def _fwd_kernel(*refs, d: _Dims, opts: Options):
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, opts.has_h0)
-    (u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref), rest = _split_refs(
+    (u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref), rest = split_refs(
         refs, flags)
     y_ref, hlast_ref, ck_ref, h_scr = rest
     blk = _Block(d, opts.reverse, backward=False)
@@ -147,7 +140,7 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options):
     def step(i, h):
         j, valid = blk.row_of(i)
         u = blk.row(u_ref, j, valid)
-        dt, _ = _step_size(blk, blk.row(dt_ref, j, valid), bias, opts, valid)
+        dt, _ = step_size(blk.row(dt_ref, j, valid), bias, opts, valid & blk.e_ok)
         h = jnp.exp(dt * a) * h + (dt * u) * blk.column(bt, j, valid)
         y = jnp.sum(h * blk.column(ct, j, valid), axis=0, keepdims=True)
         if dvec is not None:
@@ -236,10 +229,10 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options):
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, True, True,
              opts.has_dh_last)
     (u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, ck_ref, dy_ref, dhl_ref), rest = (
-        _split_refs(refs, flags))
+        split_refs(refs, flags))
     oflags = (True, True, opts.has_z, True, True, True, opts.has_D, opts.has_bias, True)
     (du_ref, ddt_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, dh0_ref), scratch = (
-        _split_refs(rest, oflags))
+        split_refs(rest, oflags))
     g_scr, da_scr, dd_scr, dbias_scr, hs_scr = scratch
     blk = _Block(d, opts.reverse, backward=True)
     n, bt_len = d.state, d.block_t
@@ -261,7 +254,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options):
     def inputs(i):
         j, valid = blk.row_of(i)
         u = blk.row(u_ref, j, valid)
-        dt, slope = _step_size(blk, blk.row(dt_ref, j, valid), bias, opts, valid)
+        dt, slope = step_size(blk.row(dt_ref, j, valid), bias, opts, valid & blk.e_ok)
         return j, valid, u, dt, slope
 
     def recompute(i, h):  # the states of this block, from its checkpoint

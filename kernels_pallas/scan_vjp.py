@@ -57,18 +57,8 @@ class Normalised(NamedTuple):
     h0: jax.Array | None
 
 
-class Grads(NamedTuple):
-    """Gradients in the layout of `Normalised` (B and C as (b, L, G, N))."""
-
-    u: jax.Array
-    delta: jax.Array
-    A: jax.Array
-    B: jax.Array
-    C: jax.Array
-    D: jax.Array | None
-    z: jax.Array | None
-    delta_bias: jax.Array | None
-    h0: jax.Array | None
+#: Gradients in the layout of `Normalised` (B and C as (b, L, G, N)), one per argument.
+Grads = Normalised
 
 
 def shape_error(name: str, got, wanted: str) -> ValueError:
@@ -154,3 +144,21 @@ def best_checkpoint_interval(length: int, unit: int, max_interval: int) -> int:
             best, best_padded = k, padded
         k *= 2
     return best
+
+
+def split_refs(refs, flags):
+    """Unpacks kernel refs in order; a False flag yields None without consuming a ref.
+    Returns (the flagged refs, the refs left over)."""
+    it = iter(refs)
+    return [next(it) if f else None for f in flags], list(it)
+
+
+def step_size(dt_raw, bias, opts: Options, keep):
+    """Step size after the bias and softplus, 0 where `keep` is False (padding), and its
+    derivative with respect to the raw step (None without softplus)."""
+    x = dt_raw + bias if bias is not None else dt_raw
+    if opts.delta_softplus:
+        dt, slope = softplus(x), sigmoid(x)
+    else:
+        dt, slope = x, None
+    return jnp.where(keep, dt, 0.0), slope

@@ -39,7 +39,8 @@ from kernels_pallas.scan_vjp import (
     Options,
     best_checkpoint_interval,
     sigmoid,
-    softplus,
+    split_refs,
+    step_size,
 )
 
 MAX_STATE = 64  # larger N would not fit in registers as one tile
@@ -151,22 +152,6 @@ class _Program:
         return ref.at[(*lead, self.rows, pl.ds(0, self.d.block_e))]
 
 
-def _delta(p: _Program, dt_raw, bias, opts: Options, valid):
-    """Step size after bias and softplus, forced to 0 off the edges; also d(step)/d(raw)."""
-    x = dt_raw + bias if bias is not None else dt_raw
-    if opts.delta_softplus:
-        dt, slope = softplus(x), sigmoid(x)
-    else:
-        dt, slope = x, None
-    return jnp.where(p.e_ok & valid, dt, 0.0), slope
-
-
-def _split_refs(refs, flags):
-    """Unpacks refs in order; a False flag yields None without consuming a ref."""
-    it = iter(refs)
-    return [next(it) if f else None for f in flags], list(it)
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
@@ -192,7 +177,7 @@ def _row_loop(lo, hi, load, body, state, rows, prefetch: bool):
 
 
 def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
-    (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref), outs = _split_refs(
+    (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref), outs = split_refs(
         refs, (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, opts.has_h0))
     y_ref, hlast_ref, ck_ref = outs
     p = _Program(d, opts.reverse)
@@ -217,7 +202,7 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         times = [p.time(c * unroll + j) for j in range(unroll)]
         bcs = [(p.state_row(b_ref, t, v), p.state_row(c_ref, t, v)) for t, v in times]
         for (t, valid), (u, dt_raw, z), (bv, cv) in zip(times, rows, bcs, strict=True):
-            dt, _ = _delta(p, dt_raw, bias, opts, valid)
+            dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
             h = _exp2(dt[None, :] * a2, fast) * h + (dt * u)[None, :] * bv[:, None]
             y = jnp.sum(h * cv[:, None], axis=0)
             if dvec is not None:
@@ -274,11 +259,11 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, True, True,
              opts.has_dh_last)
     (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, ck_ref, dy_ref, dhl_ref), outs = (
-        _split_refs(refs, flags))
+        split_refs(refs, flags))
     oflags = (True, True, opts.has_z, True, True, True, opts.has_D, opts.has_bias, True,
               True)
     (du_ref, ddt_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, dh0_ref, sub_ref), _ = (
-        _split_refs(outs, oflags))
+        split_refs(outs, oflags))
     p = _Program(d, opts.reverse)
     fast = cfg.fast_exp2 and not interpret
     unroll = cfg.bwd_unroll
@@ -312,7 +297,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         bvs = [p.state_row(b_ref, t, v) for t, v in times]
         plgpu.store(p.scratch_ref(sub_ref, slot, j), h)
         for (_, valid), (u, dt_raw, _, _), bv in zip(times, rows, bvs, strict=True):
-            dt, _ = _delta(p, dt_raw, bias, opts, valid)
+            dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
             h, _ = advance(h, dt, u, bv)
         return h
 
@@ -324,7 +309,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
              else p.tile(ck_ref, p.bi, q))
         hs, steps = [h], []
         for (_, valid), (u, dt_raw, _, _), (bv, _) in zip(times, rows, bcs, strict=True):
-            dt, slope = _delta(p, dt_raw, bias, opts, valid)
+            dt, slope = step_size(dt_raw, bias, opts, p.e_ok & valid)
             h, a = advance(hs[-1], dt, u, bv)
             hs.append(h)
             steps.append((dt, slope, a if cfg.keep_decay else None))
