@@ -9,8 +9,9 @@ r"""Reproduces the paper's TSM2 forecasting table: search on validation, then 3 
 small runs share one GPU well) and appends one JSON line per finished run to --out:
 
 1. Hyper-parameter search, on the VALIDATION split only: for each data set, every candidate
-   of SEARCH_GRID at H=96, seed 0. The candidate with the lowest validation MSE is chosen for
-   all horizons of that data set (the test MSE of the candidates is recorded, never used).
+   of `grid_for(dataset)` at H=96, seed 0. The candidate with the lowest validation MSE is
+   chosen for all horizons of that data set
+   (the test MSE of the candidates is recorded, never used).
 2. Final runs: the chosen candidate at H in {96, 192, 336, 720} and seeds {0, 1, 2} (the search
    run of the winner is the seed-0 H=96 run).
 3. Shapes of the absent data sets: one epoch of Electricity (26304 x 321) and Traffic
@@ -40,12 +41,30 @@ sys.path.insert(0, str(REPO))  # also in the spawned workers, which import this 
 DATASETS = ("etth1", "etth2", "exchange_rate", "ettm1", "ettm2", "weather")
 HORIZONS = (96, 192, 336, 720)
 SEEDS = (0, 1, 2)
-# Candidates (overrides of configs/tsm2.py:paper, so independent of PAPER_HPARAMS there);
-# chosen per data set on validation MSE.
+# Candidates (overrides of configs/tsm2.py's PAPER_DEFAULTS, so independent of the choices
+# recorded in its PAPER_HPARAMS); chosen per data set on validation MSE.
 SEARCH_GRID = {
     "d64_lr1e-3": {"model.d_model": 64, "optimizer.lr": 1e-3, "model.dropout": 0.2},
     "d32_lr5e-4": {"model.d_model": 32, "optimizer.lr": 5e-4, "model.dropout": 0.3},
 }
+# The two ETTh sets (8640 training rows) got extra, smaller and slower-learning candidates after
+# both candidates above reached their best validation MSE at the end of the first epoch there.
+SMALL_GRID = {
+    "d16_l1_n4": {"model.d_model": 16, "model.num_layers": 1, "model.state_dim": 4,
+                  "model.dropout": 0.1, "optimizer.lr": 1e-3, "data.batch_size": 32,
+                  "train.num_epochs": 6},
+    "d16_l1_lr1e-4": {"model.d_model": 16, "model.num_layers": 1, "model.dropout": 0.3,
+                      "optimizer.lr": 1e-4, "data.batch_size": 32, "train.num_epochs": 10},
+    "d32_l1_lr1e-4": {"model.d_model": 32, "model.num_layers": 1, "model.dropout": 0.3,
+                      "optimizer.lr": 1e-4, "train.num_epochs": 10},
+}
+SMALL_DATASETS = ("etth1", "etth2")
+
+
+def grid_for(dataset: str) -> dict[str, dict]:
+    """The search candidates of a data set."""
+    return {**SEARCH_GRID, **(SMALL_GRID if dataset in SMALL_DATASETS else {})}
+
 SYNTHETIC = {"electricity": (26304, 321), "traffic": (17544, 862)}
 PAPER_MSE = {
     "etth1": (0.375, 0.398, 0.419, 0.422), "etth2": (0.253, 0.334, 0.347, 0.401),
@@ -55,16 +74,28 @@ PAPER_MSE = {
 }
 
 
-def load_config(arg: str):
+def config_module():
     spec = importlib.util.spec_from_file_location("tsm2_config", REPO / "configs" / "tsm2.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
+
+# Where each PAPER_DEFAULTS key of configs/tsm2.py lives in the config.
+HPARAM_KEYS = {"d_model": "model.d_model", "num_layers": "model.num_layers",
+               "state_dim": "model.state_dim", "dropout": "model.dropout", "lr": "optimizer.lr",
+               "batch_size": "data.batch_size", "num_epochs": "train.num_epochs",
+               "patience": "train.patience"}
 
 
 def job_config(job: dict, quick: bool):
-    config = load_config(f"paper,dataset={job['dataset']},horizon={job['horizon']},"
-                         f"seed={job['seed']}")
+    """`configs/tsm2.py:paper` with PAPER_DEFAULTS, then the job's overrides: a candidate means
+    the same whatever configs/tsm2.py has recorded as chosen for the data set."""
+    module = config_module()
+    config = module.get_config(f"paper,dataset={job['dataset']},horizon={job['horizon']},"
+                               f"seed={job['seed']}")
+    config.update_from_flattened_dict({HPARAM_KEYS[k]: v
+                                       for k, v in module.PAPER_DEFAULTS.items()})
     config.data.data_dir = job.get("data_dir")
     if quick:  # CPU smoke: tiny model, few steps
         config.data.seq_len = 96
@@ -113,7 +144,7 @@ def run_job(job: dict, quick: bool, workroot: str) -> dict:
             task = ForecastingTask(config, data)
         results = train_and_evaluate(config, workdir, task=task)
         out.update(results)
-        if job["kind"] == "search":  # forecast plot of H=96 (eval/best/forecast.png)
+        if job["seed"] == 0 and job["kind"] != "synthetic":  # eval/best/forecast.png
             from mmx_jax.train.evaluate import evaluate_and_report
 
             out["plot"] = evaluate_and_report(workdir).get("plot")
@@ -145,19 +176,22 @@ def _params(config, task) -> int:
 
 def _search_jobs(data_dir):
     for dataset in DATASETS:
-        for name, overrides in SEARCH_GRID.items():
+        for name, overrides in grid_for(dataset).items():
             yield dict(kind="search", dataset=dataset, horizon=96, seed=0, candidate=name,
                        overrides=overrides, data_dir=data_dir,
                        tag=f"{dataset}_96_s0_{name}")
 
 
-def _final_jobs(dataset, candidate, data_dir):
+def _final_jobs(dataset, candidate, data_dir, patience=0):
     for seed in SEEDS:
         for horizon in HORIZONS:
             if (seed, horizon) == (0, 96):
                 continue  # the winning search run
+            overrides = dict(grid_for(dataset)[candidate])
+            if patience:
+                overrides["train.patience"] = patience
             yield dict(kind="final", dataset=dataset, horizon=horizon, seed=seed,
-                       candidate=candidate, overrides=SEARCH_GRID[candidate],
+                       candidate=candidate, overrides=overrides,
                        data_dir=data_dir, tag=f"{dataset}_{horizon}_s{seed}_{candidate}")
 
 
@@ -207,11 +241,12 @@ def cmd_run(args):
 
     def after_search(row):
         search[row["dataset"]].append(row)
-        if len(search[row["dataset"]]) == len(SEARCH_GRID):
+        if len(search[row["dataset"]]) == len(grid_for(row["dataset"])):
             winner = choose(search[row["dataset"]])
             print(f"search {row['dataset']}: chose {winner}", flush=True)
             # Final runs go before the remaining searches of other data sets.
-            queue[:0] = list(_final_jobs(row["dataset"], winner, args.data_dir))
+            queue[:0] = list(_final_jobs(row["dataset"], winner, args.data_dir,
+                                         args.final_patience))
 
     while queue or pending:
         while queue and len(pending) < args.workers and time.time() < deadline:
@@ -253,11 +288,13 @@ def _fmt(values):
 
 def cmd_table(args):
     rows = [json.loads(line) for line in pathlib.Path(args.runs).read_text().splitlines()]
-    ok = [r for r in rows if "error" not in r]
+    # A tag run again (a rerun after an error or a lost machine) counts once: its last success.
+    ok = list({r["tag"]: r for r in rows if "error" not in r}.values())
+    errors = [r for r in rows if "error" in r and r["tag"] not in {o["tag"] for o in ok}]
     winners = {}
     for dataset in DATASETS:
         cands = [r for r in ok if r["dataset"] == dataset and r["kind"] == "search"]
-        if len(cands) == len(SEARCH_GRID):
+        if len(cands) == len(grid_for(dataset)):
             winners[dataset] = choose(cands)
     print("| data set | H | ours MSE (mean ± std, 3 seeds) | ours MAE | paper MSE | "
           "train time per run (s) | command |")
@@ -273,10 +310,8 @@ def cmd_table(args):
             if len(mse) == len(SEEDS):
                 means.append(statistics.mean(mse))
             wall = statistics.mean(r["wall_s"] for r in runs) if runs else float("nan")
-            overrides = " ".join(f"--config.{k}={v}" for k, v in
-                                 (SEARCH_GRID[cand].items() if cand else []))
             command = (f"`python train.py --config configs/tsm2.py:paper,dataset={dataset},"
-                       f"horizon={horizon},seed=S {overrides}`")
+                       f"horizon={horizon},seed=S`")
             print(f"| {dataset} | {horizon} | {_fmt(mse)} | {_fmt(mae)} | "
                   f"{PAPER_MSE[dataset][i]:.3f} | {wall:.0f} | {command} |")
         paper_mean = statistics.mean(PAPER_MSE[dataset])
@@ -291,7 +326,6 @@ def cmd_table(args):
             print(f"| {r['dataset']} | {SYNTHETIC[r['dataset']][1]} | {r['wall_s']:.0f} | "
                   f"{r.get('train_steps_per_sec') or 0:.1f} | {r['peak_gpu_mib']:.0f} | "
                   f"{r['params']} |")
-    errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"\nerror in {r['tag']}: {r['error'].splitlines()[0]}")
 
@@ -308,6 +342,8 @@ def main():
     run.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache")
     run.add_argument("--datasets", default="", help="comma-separated subset")
     run.add_argument("--no-synthetic", action="store_true")
+    run.add_argument("--final-patience", type=int, default=0,
+                     help="early-stopping patience of the final runs (0: the config's, 3)")
     run.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     table = sub.add_parser("table")
     table.add_argument("--runs", default="results/tsm2_runs.jsonl")

@@ -1,0 +1,74 @@
+"""The TSM2 reproduction driver: selection on validation only, and configs that match the runs."""
+
+import argparse
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUNS = REPO / "results" / "tsm2_runs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def driver():
+    spec = importlib.util.spec_from_file_location("tsm2_reproduce",
+                                                  REPO / "benchmarks" / "tsm2_reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(tag, candidate, val, test, **extra):
+    return dict(kind="search", dataset="etth1", horizon=96, seed=0, candidate=candidate,
+                tag=tag, best_val_mse=val, test_mse=test, test_mae=test, wall_s=1.0, **extra)
+
+
+def test_choice_looks_at_validation_only(driver):
+    rows = [_row("a", "d64_lr1e-3", val=0.70, test=0.50),
+            _row("b", "d32_lr5e-4", val=0.72, test=0.30),
+            dict(_row("c", "d16_l1_n4", val=0.10, test=0.10), error="OOM")]
+    assert driver.choose(rows) == "d64_lr1e-3"
+
+
+def test_paper_config_is_what_the_recorded_runs_trained(driver):
+    """configs/tsm2.py:paper must hold the hyper-parameters of the final runs in the table."""
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines()]
+    finals = {r["dataset"]: r for r in rows
+              if r["kind"] == "final" and "error" not in r and r["seed"] == 1}
+    assert set(finals) == set(driver.DATASETS)
+    module = driver.config_module()
+    for dataset, row in finals.items():
+        ran = driver.job_config(row, quick=False)
+        recorded = module.get_config(f"paper,dataset={dataset},horizon={row['horizon']},seed=1")
+        for key in driver.HPARAM_KEYS.values():
+            group, name = key.split(".")
+            assert recorded[group][name] == ran[group][name], (dataset, key)
+
+
+def test_candidates_do_not_inherit_the_recorded_choice(driver):
+    # etth1's recorded choice is a one-layer model; the d64 candidate must still have two.
+    job = dict(dataset="etth1", horizon=96, seed=0,
+               overrides=driver.grid_for("etth1")["d64_lr1e-3"])
+    config = driver.job_config(job, quick=False)
+    assert (config.model.d_model, config.model.num_layers, config.model.state_dim) == (64, 2, 16)
+
+
+def test_table_counts_a_rerun_once_and_forgets_its_earlier_error(driver, tmp_path, capsys):
+    grid = driver.grid_for("etth2")
+    rows = [dict(_row(f"etth2_96_s0_{name}", name, val=0.3 + i / 10, test=0.3),
+                 dataset="etth2") for i, name in enumerate(grid)]
+    first = rows[0]
+    rows.insert(0, dict(first, error="JaxRuntimeError: out of memory"))
+    rows.append(dict(first))  # the same run recorded twice
+    for seed in (1, 2):
+        rows.append(dict(first, kind="final", seed=seed, tag=f"etth2_96_s{seed}",
+                         test_mse=0.3 + seed / 100))
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    driver.cmd_table(argparse.Namespace(runs=str(path)))
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("| etth2 | 96 |"))
+    assert "0.310 ± 0.010" in line  # seeds 0, 1, 2: 0.30, 0.31, 0.32
+    assert "error" not in out
