@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -71,8 +73,13 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
 
 
 def progress_bar(total: int, initial: int, description: str):
-    """A tqdm bar (steps/s shown by tqdm), silent on processes other than 0."""
+    """A tqdm bar (steps/s shown by tqdm), silent on processes other than 0.
+
+    TQDM_DISABLE=1 silences it; written to a file (no terminal) it updates every 30 s.
+    """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
+    silenced = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True,
-                disable=jax.process_index() != 0, smoothing=0.1)
+                disable=silenced or jax.process_index() != 0, smoothing=0.1,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
