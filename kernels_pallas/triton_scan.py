@@ -46,6 +46,9 @@ from kernels_pallas.scan_vjp import (
 MAX_STATE = 64  # larger N would not fit in registers as one tile
 
 
+GRID_Y_MAX = 65535  # CUDA's limit on the grid's y (and z) size; x allows 2**31 - 1
+
+
 class TritonConfig(NamedTuple):
     """Static tuning of the Triton kernels (all block sizes powers of two)."""
 
@@ -60,6 +63,9 @@ class TritonConfig(NamedTuple):
     fast_exp2: bool = True  # ex2.approx.ftz.f32 (compiled only; interpret uses jnp.exp2)
     keep_decay: bool = False  # keep exp(delta*A) of a sub-chunk in registers, not recompute
     prefetch: bool = True  # load the next chunk's rows while computing this one
+    # Batch rows on the grid's x axis (limit 2**31 - 1) instead of y (limit 65535). None: only
+    # when the batch needs it; channel blocks of one row then no longer run side by side.
+    batch_major: bool | None = None
 
 
 class _Dims(NamedTuple):
@@ -74,6 +80,10 @@ class _Dims(NamedTuple):
     block_e: int
     interval: int  # checkpoint interval K
     n_intervals: int
+    batch_major: bool  # grid (batch, blocks) rather than (blocks, batch)
+
+    def grid(self, n_blocks: int) -> tuple[int, int]:
+        return (self.batch, n_blocks) if self.batch_major else (n_blocks, self.batch)
 
 
 def _dims(args: Normalised, block_e: int, cfg: TritonConfig) -> _Dims:
@@ -83,8 +93,9 @@ def _dims(args: Normalised, block_e: int, cfg: TritonConfig) -> _Dims:
     eg = e // g
     unit = max(cfg.fwd_unroll, cfg.bwd_unroll)
     k = best_checkpoint_interval(length, unit, cfg.bwd_unroll * cfg.bwd_sub_chunks)
+    batch_major = b > GRID_Y_MAX if cfg.batch_major is None else cfg.batch_major
     return _Dims(b, length, e, n, pl.next_power_of_2(n), g, eg, pl.cdiv(eg, block_e), block_e,
-                 k, pl.cdiv(length, k))
+                 k, pl.cdiv(length, k), batch_major)
 
 
 def _exp2(x, fast: bool):
@@ -102,8 +113,8 @@ class _Program:
     def __init__(self, d: _Dims, reverse: bool):
         self.d = d
         self.reverse = reverse
-        self.blk = pl.program_id(0)
-        self.bi = pl.program_id(1)
+        batch_axis, block_axis = (0, 1) if d.batch_major else (1, 0)
+        self.bi, self.blk = pl.program_id(batch_axis), pl.program_id(block_axis)
         self.group = self.blk // d.blocks_per_group
         local = (self.blk % d.blocks_per_group) * d.block_e
         self.e0 = self.group * d.group_width + local
@@ -244,7 +255,7 @@ def forward(opts: Options, args: Normalised):
                  jax.ShapeDtypeStruct((b, d.n_intervals, d.state, e), f32))
     kernel = functools.partial(_fwd_kernel, d=d, opts=opts, cfg=cfg, interpret=interpret)
     y, hlast_t, ck = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(d.groups * d.blocks_per_group, b),
+        kernel, out_shape=out_shape, grid=d.grid(d.groups * d.blocks_per_group),
         interpret=opts.interpret, name="selective_scan_fwd",
         compiler_params=None if interpret else _compiler_params(cfg.fwd_warps, cfg),
     )(*ins)
@@ -415,7 +426,7 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
                          f32))
     kernel = functools.partial(_bwd_kernel, d=d, opts=opts, cfg=cfg, interpret=interpret)
     outs = list(pl.pallas_call(
-        kernel, out_shape=tuple(out_shape), grid=(n_blocks, b),
+        kernel, out_shape=tuple(out_shape), grid=d.grid(n_blocks),
         interpret=opts.interpret, name="selective_scan_bwd",
         compiler_params=None if interpret else _compiler_params(cfg.bwd_warps, cfg),
     )(*ins))
@@ -435,9 +446,12 @@ def unsupported_reason(batch: int, length: int, channels: int, state: int,
     """None when the compiled Triton kernels handle this shape, else why not."""
     if state > MAX_STATE:
         return f"state size N={state} is above {MAX_STATE} (the state tile would spill)"
-    if batch >= 2**16:
-        return f"batch={batch} exceeds the CUDA grid's y limit"
-    del length, channels, groups
+    blocks = groups * pl.cdiv(channels // groups, min(TritonConfig().block_e,
+                                                      TritonConfig().bwd_block_e))
+    if batch > GRID_Y_MAX and blocks > GRID_Y_MAX:
+        return (f"batch={batch} and {blocks} channel blocks both exceed the CUDA grid's y "
+                f"limit {GRID_Y_MAX}")
+    del length
     return None
 
 

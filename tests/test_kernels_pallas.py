@@ -213,6 +213,14 @@ def test_interpret_default_config(rng, backend):
                interpret=True)
 
 
+def test_interpret_batch_major_grid(rng):
+    """Batch rows on the grid's x axis (what batches above 65535 get) compute the same."""
+    config = SMALL_CONFIGS["triton"]._replace(batch_major=True)
+    check_case(rng, "triton", (3, 13, 40, 8, 2), "float32",
+               dict(D=True, z=True, bias=True, softplus=True, reverse=True, h0=True, final=True),
+               config=config, interpret=True)
+
+
 def test_dispatcher_pallas_on_cpu(rng):
     """selective_scan(impl="pallas") runs the kernels (interpret mode) and agrees with the
     sequential scan; impl="auto" on CPU does not pick them."""
@@ -230,6 +238,8 @@ def test_unsupported_reason():
     assert kernels_pallas.unsupported_reason("gpu", **ok) is None
     assert kernels_pallas.unsupported_reason("tpu", **ok) is None
     assert "state" in kernels_pallas.unsupported_reason("gpu", **{**ok, "state": 256})
+    # A batch above the grid's y limit moves to x (the channel mixer's batch x tokens).
+    assert kernels_pallas.unsupported_reason("gpu", **{**ok, "batch": 256000}) is None
     assert kernels_pallas.unsupported_reason("cpu", **ok)
 
 
@@ -267,6 +277,26 @@ def test_forward_and_backward_lower_for_their_platform(rng, backend, platform, m
     text = jax.jit(jax.grad(loss, argnums=tuple(range(9)))).trace(*xs).lower(
         lowering_platforms=(platform,)).as_text()
     assert text.count(marker) >= 2, f"expected a forward and a backward {marker} call"
+
+
+@pytest.mark.parametrize("batch,grid", [(7, (2, 7)), (70000, (70000, 2))])
+def test_triton_grid_puts_a_large_batch_on_x(batch, grid):
+    import re  # noqa: PLC0415
+
+    sds = jax.ShapeDtypeStruct
+    length, channels, state = 8, 64, 4
+
+    def loss(u, delta, A, B, C):
+        return kernels_pallas.selective_scan(u, delta, A, B, C, backend="triton",
+                                             interpret=False).sum()
+
+    xs = (sds((batch, length, channels), jnp.float32), sds((batch, length, channels), jnp.float32),
+          sds((channels, state), jnp.float32), sds((batch, length, 1, state), jnp.float32),
+          sds((batch, length, 1, state), jnp.float32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*xs).lower(
+        lowering_platforms=("cuda",)).as_text()
+    grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+)", text)
+    assert len(grids) == 2 and all(tuple(map(int, g)) == grid for g in grids), grids
 
 
 def test_triton_modules_verify(rng, monkeypatch):
