@@ -373,3 +373,13 @@ def test_gpu_dispatcher_auto_picks_pallas(rng):
     args, kw = make_case(rng, (2, 64, 32, 16, 1), "float32", dict(D=True))
     y = selective_scan(**args, **kw, impl="auto")
     assert rel_err(y, numpy_scan(**args, **kw)) < 2e-5
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_gpu_batch_above_the_grid_y_limit(rng):
+    """batch x tokens of a vision channel mixer: the batch goes on the grid's x axis."""
+    from mmx_jax.ssm import ScanDims, resolve_impl  # noqa: PLC0415
+    assert resolve_impl("auto", ScanDims(70000, 4, 32, 16, 2)) == "pallas"
+    check_case(rng, "triton", (70000, 4, 32, 16, 2), "float32",
+               dict(D=True, bias=True, softplus=True), interpret=False)
