@@ -72,3 +72,20 @@ def test_table_counts_a_rerun_once_and_forgets_its_earlier_error(driver, tmp_pat
     line = next(x for x in out.splitlines() if x.startswith("| etth2 | 96 |"))
     assert "0.310 ± 0.010" in line  # seeds 0, 1, 2: 0.30, 0.31, 0.32
     assert "error" not in out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "results" / "checkpoints").glob(
+    "etth1_*") if p.is_dir()))
+def test_shipped_checkpoint_reproduces_its_test_mse(tmp_path, name):
+    """The shipped ETTh1 checkpoints still load and give the test MSE they were trained to."""
+    import shutil  # noqa: PLC0415
+
+    from mmx_jax.train.evaluate import evaluate_and_report  # noqa: PLC0415
+
+    workdir = tmp_path / name
+    shutil.copytree(REPO / "results" / "checkpoints" / name, workdir)
+    recorded = json.loads((workdir / "results.json").read_text())
+    metrics = evaluate_and_report(workdir)
+    assert metrics["step"] == recorded["best_step"]
+    assert metrics["test_mse"] == pytest.approx(recorded["test_mse"], rel=1e-4)
+    assert metrics["test_mae"] == pytest.approx(recorded["test_mae"], rel=1e-4)
