@@ -10,8 +10,8 @@ small runs share one GPU well) and appends one JSON line per finished run to --o
 
 1. Hyper-parameter search, on the VALIDATION split only: for each data set, every candidate
    of `grid_for(dataset)` at H=96, seed 0. The candidate with the lowest validation MSE is
-   chosen for all horizons of that data set
-   (the test MSE of the candidates is recorded, never used).
+   chosen for all horizons of that data set (the candidates' test MSE is recorded, never
+   used).
 2. Final runs: the chosen candidate at H in {96, 192, 336, 720} and seeds {0, 1, 2} (the search
    run of the winner is the seed-0 H=96 run).
 3. Shapes of the absent data sets: one epoch of Electricity (26304 x 321) and Traffic
@@ -81,20 +81,13 @@ def config_module():
     return module
 
 
-# Where each PAPER_DEFAULTS key of configs/tsm2.py lives in the config.
-HPARAM_KEYS = {"d_model": "model.d_model", "num_layers": "model.num_layers",
-               "state_dim": "model.state_dim", "dropout": "model.dropout", "lr": "optimizer.lr",
-               "batch_size": "data.batch_size", "num_epochs": "train.num_epochs",
-               "patience": "train.patience"}
-
-
 def job_config(job: dict, quick: bool):
     """`configs/tsm2.py:paper` with PAPER_DEFAULTS, then the job's overrides: a candidate means
     the same whatever configs/tsm2.py has recorded as chosen for the data set."""
     module = config_module()
     config = module.get_config(f"paper,dataset={job['dataset']},horizon={job['horizon']},"
                                f"seed={job['seed']}")
-    config.update_from_flattened_dict({HPARAM_KEYS[k]: v
+    config.update_from_flattened_dict({module.HPARAM_KEYS[k]: v
                                        for k, v in module.PAPER_DEFAULTS.items()})
     config.data.data_dir = job.get("data_dir")
     if quick:  # CPU smoke: tiny model, few steps

@@ -42,6 +42,12 @@ PAPER_HPARAMS: dict[tuple[str, int | None], dict] = {
     # peaked after the first epoch), which gives the same best checkpoint as patience 3.
     ("weather", None): dict(patience=1),
 }
+# Where each hyper-parameter above lives in the config.
+HPARAM_KEYS = {"d_model": "model.d_model", "num_layers": "model.num_layers",
+               "state_dim": "model.state_dim", "dropout": "model.dropout", "lr": "optimizer.lr",
+               "batch_size": "data.batch_size", "num_epochs": "train.num_epochs",
+               "patience": "train.patience"}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_config_arg(arg, dict(dataset="etth1", horizon=96, seq_len=336, paper=False,
@@ -114,15 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.seq_len = 512
         hp = {**PAPER_DEFAULTS, **PAPER_HPARAMS.get((args["dataset"], None), {}),
               **PAPER_HPARAMS.get((args["dataset"], args["horizon"]), {})}
-        config.model.d_model = hp["d_model"]
-        config.model.num_layers = hp["num_layers"]
-        config.model.state_dim = hp["state_dim"]
+        config.update_from_flattened_dict({HPARAM_KEYS[k]: v for k, v in hp.items()})
         config.model.scan_impl = "auto"
-        config.model.dropout = hp["dropout"]
-        config.optimizer.lr = hp["lr"]
-        config.data.batch_size = hp["batch_size"]
-        config.train.num_epochs = hp["num_epochs"]
-        config.train.patience = hp["patience"]
         config.train.checkpoint_every_steps = 1000
         config.train.log_every_steps = 100
     if args["smoke"]:

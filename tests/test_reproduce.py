@@ -42,7 +42,7 @@ def test_paper_config_is_what_the_recorded_runs_trained(driver):
     for dataset, row in finals.items():
         ran = driver.job_config(row, quick=False)
         recorded = module.get_config(f"paper,dataset={dataset},horizon={row['horizon']},seed=1")
-        for key in driver.HPARAM_KEYS.values():
+        for key in module.HPARAM_KEYS.values():
             group, name = key.split(".")
             assert recorded[group][name] == ran[group][name], (dataset, key)
 
