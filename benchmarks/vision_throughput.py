@@ -7,7 +7,8 @@ For each model and `scan_impl` (pallas, associative): images/s of a jitted AdamW
 and of a jitted forward pass (median of several device-synchronised calls after warm-up, on
 random images), and the model FLOPs utilisation: XLA's FLOP count of the compiled function
 over its time, over the device's dense bf16 peak (--peak-tflops, default the H100 SXM
-datasheet's 989). Rows print as they finish.
+datasheet's 989). All functions compile first (in parallel), then each is timed alone and its
+row printed; `--models`/`--impls` narrow the set when compilation time is short.
 """
 
 from __future__ import annotations
