@@ -218,14 +218,14 @@ def test_mesh_and_batch_errors():
 def test_ema_of_the_weights_follows_its_formula(tmp_path):
     from flax import nnx
 
-    from mmx_jax.train.loop import _make_train_step, _place
+    from mmx_jax.train.loop import make_train_step, _place
 
     config = small_config()
     config.mesh.update(data=1, fsdp=1)
     config.optimizer.ema_decay = 0.75
     run = setup(config, tmp_path, devices=jax.devices()[:1])
     state = run.init_state()
-    step = _make_train_step(run)
+    step = make_train_step(run)
     batches = run.task.train_batches(0, run.steps_per_epoch)
     want = jax.tree.map(np.asarray, state["ema"])
     for _ in range(2):

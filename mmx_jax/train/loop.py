@@ -121,7 +121,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, tas
     return run
 
 
-def _make_train_step(run: Run):
+def make_train_step(run: Run):
     task, graphdefs = run.task, run.graphdefs
     ema_decay = run.config.optimizer.ema_decay
 
@@ -142,7 +142,7 @@ def _make_train_step(run: Run):
                    out_shardings=(run.shardings, replicated), donate_argnums=0)
 
 
-def _make_eval_step(run: Run):
+def make_eval_step(run: Run):
     task = run.task
 
     def eval_step(state, batch):
@@ -161,7 +161,7 @@ def _place(run: Run, local: dict[str, np.ndarray], global_size: int):
 
 def evaluate_split(run: Run, state, split: str, eval_step=None) -> dict[str, float]:
     """Masked metrics of `state` over every example of `split` (the last batch padded)."""
-    eval_step = eval_step or _make_eval_step(run)
+    eval_step = eval_step or make_eval_step(run)
     totals: dict[str, float] = {}
     for batch in run.task.eval_batches(split):
         sums = jax.device_get(eval_step(state, _place(run, batch, run.task.eval_batch_size)))
@@ -229,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     else:
         state, step = run.init_state(), 0
 
-    train_step, eval_step = _make_train_step(run), _make_eval_step(run)
+    train_step, eval_step = make_train_step(run), make_eval_step(run)
     spe = run.steps_per_epoch
     eval_every = tcfg.eval_every_steps or spe
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
