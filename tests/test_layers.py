@@ -17,6 +17,7 @@ from mmx_jax.layers import (
     AveragingWeights,
     ChannelGroupMixer,
     CrossScanTokenMixer,
+    DepthwiseConv2D,
     MambaMixerStack,
     ResidualBlock,
     SelectiveChannelMixer,
@@ -88,6 +89,35 @@ def test_causal_conv_matches_numpy(rng):
             if src >= 0:
                 want[:, t] += k[j] * x[:, src]
     np.testing.assert_allclose(causal_depthwise_conv1d(x, k, b), want + b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, strides, dilation, padding, size", [
+    ((3, 3), (1, 1), (1, 1), "SAME", (7, 9)), ((3, 3), (1, 1), (2, 2), "SAME", (8, 8)),
+    ((3, 3), (1, 1), (4, 4), "SAME", (5, 6)), ((2, 2), (2, 2), (1, 1), "VALID", (8, 6)),
+    ((4, 4), (2, 2), (1, 1), "SAME", (7, 7)), ((2, 3), (1, 1), (1, 1), "SAME", (6, 5))])
+def test_depthwise_conv_matches_lax_grouped_conv(rng, kernel, strides, dilation, padding,
+                                                  size):
+    """Values and both gradients equal nnx.Conv's (XLA's grouped convolution) with the same
+    parameters, which have the same shapes."""
+    channels = 5
+    ours = DepthwiseConv2D(channels, kernel, strides=strides, dilation=dilation,
+                           padding=padding, rngs=nnx.Rngs(0))
+    ref = nnx.Conv(channels, channels, kernel, strides=strides, kernel_dilation=dilation,
+                   padding=padding, feature_group_count=channels, rngs=nnx.Rngs(1))
+    assert ours.kernel.shape == ref.kernel.shape and ours.bias.shape == ref.bias.shape
+    ours.bias[...] = normal(rng, channels)
+    nnx.update(ref, nnx.state(ours))
+    x = normal(rng, 2, *size, channels)
+
+    def value_and_grads(module):
+        loss = lambda m, x: jnp.sum(m(x) * jnp.cos(m(x)))  # noqa: E731
+        return module(x), nnx.grad(loss, argnums=(0, 1))(module, x)
+
+    (y, (gm, gx)), (y_ref, (gm_ref, gx_ref)) = value_and_grads(ours), value_and_grads(ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gm.kernel[...], gm_ref.kernel[...], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gm.bias[...], gm_ref.bias[...], rtol=1e-4, atol=1e-4)
 
 
 def test_shift_right(rng):

@@ -9,6 +9,7 @@ from mmx_jax.layers.averaging import (
     make_norm,
     residual_init,
 )
+from mmx_jax.layers.conv import DepthwiseConv2D, depthwise_conv2d
 from mmx_jax.layers.mixers import (
     ChannelGroupMixer,
     CrossScanTokenMixer,
@@ -37,6 +38,7 @@ __all__ = [
     "AveragingWeights",
     "ChannelGroupMixer",
     "CrossScanTokenMixer",
+    "DepthwiseConv2D",
     "DropPath",
     "MambaMixerStack",
     "ResidualBlock",
@@ -48,6 +50,7 @@ __all__ = [
     "apply_scans",
     "averaging_layout",
     "causal_depthwise_conv1d",
+    "depthwise_conv2d",
     "inverse_permutation",
     "make_norm",
     "residual_init",

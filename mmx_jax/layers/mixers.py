@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmx_jax.layers.conv import DepthwiseConv2D
 from mmx_jax.layers.s6 import S6
 from mmx_jax.layers.scans import CROSS_SCAN, scan_map, unscan_map
 
@@ -131,9 +132,7 @@ class CrossScanTokenMixer(_GatedSelectiveMixer):
                  rngs: nnx.Rngs):
         super().__init__(dim, expand=expand, dtype=dtype, rngs=rngs)
         self.scans = tuple(scans)
-        self.conv = nnx.Conv(self.inner, self.inner, (conv_size, conv_size),
-                             feature_group_count=self.inner, padding="SAME", dtype=dtype,
-                             rngs=rngs)
+        self.conv = DepthwiseConv2D(self.inner, (conv_size, conv_size), dtype=dtype, rngs=rngs)
         self.s6 = S6(self.inner, num_directions=len(self.scans), state_dim=state_dim,
                      dt_rank=dt_rank, model_dim=dim, impl=impl, dtype=dtype, rngs=rngs)
 

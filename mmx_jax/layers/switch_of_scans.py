@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmx_jax.layers.conv import DepthwiseConv2D
 from mmx_jax.layers.mixers import _GatedSelectiveMixer, shift_right
 from mmx_jax.layers.s6 import S6
 from mmx_jax.layers.scans import ALL_ORDERS, apply_scans, scan_orders, undo_scans
@@ -56,8 +57,8 @@ class ScanGate(nnx.Module):
         if not dilations:
             raise ValueError("ScanGate: dilations is empty, wanted at least one dilation")
         self.convs = nnx.List([
-            nnx.Conv(dim, dim, (kernel_size, kernel_size), kernel_dilation=(d, d),
-                     feature_group_count=dim, padding="SAME", dtype=dtype, rngs=rngs)
+            DepthwiseConv2D(dim, (kernel_size, kernel_size), dilation=(d, d), dtype=dtype,
+                            rngs=rngs)
             for d in dilations])
         self.proj = nnx.Linear(len(dilations) * dim, num_scans, dtype=dtype, rngs=rngs)
 
@@ -95,9 +96,7 @@ class SwitchOfScansTokenMixer(_GatedSelectiveMixer):
                              f"{len(self.scans)} (the number of scans)")
         scan_orders(self.scans, 1, 1)  # rejects unknown names now rather than at first call
         self.top_k, self.quasi_separable = top_k, quasi_separable
-        self.conv = nnx.Conv(self.inner, self.inner, (conv_size, conv_size),
-                             feature_group_count=self.inner, padding="SAME", dtype=dtype,
-                             rngs=rngs)
+        self.conv = DepthwiseConv2D(self.inner, (conv_size, conv_size), dtype=dtype, rngs=rngs)
         self.scan_gate = ScanGate(dim, len(self.scans), kernel_size=gate_kernel_size,
                              dilations=gate_dilations, dtype=dtype, rngs=rngs)
         s6_args = dict(state_dim=state_dim, dt_rank=dt_rank, model_dim=dim, impl=impl,

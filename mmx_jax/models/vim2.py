@@ -27,6 +27,7 @@ from mmx_jax.layers import (
     CROSS_SCAN,
     ChannelGroupMixer,
     CrossScanTokenMixer,
+    DepthwiseConv2D,
     MambaMixerStack,
     ResidualBlock,
     make_norm,
@@ -82,9 +83,10 @@ class Downsample(nnx.Module):
         if kind not in DOWNSAMPLES:
             raise ValueError(f"Downsample: kind={kind!r}, wanted one of {DOWNSAMPLES}")
         separable = kind == "separable"
-        self.conv = nnx.Conv(dim, dim if separable else out_dim, (2, 2), strides=(2, 2),
-                             padding="VALID", feature_group_count=dim if separable else 1,
-                             dtype=dtype, rngs=rngs)
+        self.conv = (DepthwiseConv2D(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
+                                     rngs=rngs) if separable else
+                     nnx.Conv(dim, out_dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
+                              rngs=rngs))
         self.pointwise = nnx.Linear(dim, out_dim, dtype=dtype, rngs=rngs) if separable else None
         self.norm = make_norm(norm, out_dim, dtype=dtype, rngs=rngs)
 
