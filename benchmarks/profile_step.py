@@ -171,8 +171,8 @@ def main():
     for kind, (ns, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
         print(f"| {kind} | {ns / steps / 1e6:.2f} | {100 * ns / 1e6 / steps / total:.1f} % | "
               f"{count / steps:.0f} |")
-    print(f"\n| top kernels | kind | ms/step | share | calls/step | µs/call |\n"
-          f"|---|---|---|---|---|---|")
+    print("\n| top kernels | kind | ms/step | share | calls/step | µs/call |\n"
+          "|---|---|---|---|---|---|")
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:args.top]
     for name, (ns, count) in ranked:
         short = name if len(name) <= 70 else name[:67] + "..."

@@ -218,7 +218,7 @@ def test_mesh_and_batch_errors():
 def test_ema_of_the_weights_follows_its_formula(tmp_path):
     from flax import nnx
 
-    from mmx_jax.train.loop import make_train_step, _place
+    from mmx_jax.train.loop import _place, make_train_step
 
     config = small_config()
     config.mesh.update(data=1, fsdp=1)
