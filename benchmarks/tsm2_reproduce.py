@@ -8,12 +8,11 @@ r"""Reproduces the paper's TSM2 forecasting table: search on validation, then 3 
 `run` trains many configs of `configs/tsm2.py:paper` in parallel worker processes (several
 small runs share one GPU well) and appends one JSON line per finished run to --out:
 
-1. Hyper-parameter search, on the VALIDATION split only: for each data set, every candidate
-   of `grid_for(dataset)` at H=96, seed 0. The candidate with the lowest validation MSE is
-   chosen for all horizons of that data set (the candidates' test MSE is recorded, never
+1. Hyper-parameter search, on the VALIDATION split only: every candidate of
+   `grid_for(dataset)` at every horizon, seed 0. The candidate with the lowest validation MSE
+   at a (data set, horizon) is chosen for it (the candidates' test MSE is recorded, never
    used).
-2. Final runs: the chosen candidate at H in {96, 192, 336, 720} and seeds {0, 1, 2} (the search
-   run of the winner is the seed-0 H=96 run).
+2. Final runs: the chosen candidate at seeds 1 and 2 (its search run is seed 0).
 3. Shapes of the absent data sets: one epoch of Electricity (26304 x 321) and Traffic
    (17544 x 862) shaped synthetic data, timed, with the peak GPU memory.
 
@@ -169,23 +168,21 @@ def _params(config, task) -> int:
 
 def _search_jobs(data_dir):
     for dataset in DATASETS:
-        for name, overrides in grid_for(dataset).items():
-            yield dict(kind="search", dataset=dataset, horizon=96, seed=0, candidate=name,
-                       overrides=overrides, data_dir=data_dir,
-                       tag=f"{dataset}_96_s0_{name}")
-
-
-def _final_jobs(dataset, candidate, data_dir, patience=0):
-    for seed in SEEDS:
         for horizon in HORIZONS:
-            if (seed, horizon) == (0, 96):
-                continue  # the winning search run
-            overrides = dict(grid_for(dataset)[candidate])
-            if patience:
-                overrides["train.patience"] = patience
-            yield dict(kind="final", dataset=dataset, horizon=horizon, seed=seed,
-                       candidate=candidate, overrides=overrides,
-                       data_dir=data_dir, tag=f"{dataset}_{horizon}_s{seed}_{candidate}")
+            for name, overrides in grid_for(dataset).items():
+                yield dict(kind="search", dataset=dataset, horizon=horizon, seed=0,
+                           candidate=name, overrides=overrides, data_dir=data_dir,
+                           tag=f"{dataset}_{horizon}_s0_{name}")
+
+
+def _final_jobs(dataset, horizon, candidate, data_dir, patience=0):
+    for seed in SEEDS[1:]:
+        overrides = dict(grid_for(dataset)[candidate])
+        if patience:
+            overrides["train.patience"] = patience
+        yield dict(kind="final", dataset=dataset, horizon=horizon, seed=seed,
+                   candidate=candidate, overrides=overrides, data_dir=data_dir,
+                   tag=f"{dataset}_{horizon}_s{seed}_{candidate}")
 
 
 def _synthetic_jobs():
@@ -201,6 +198,18 @@ def choose(search_rows: list[dict]) -> str:
     return min(ok, key=lambda r: r["best_val_mse"])["candidate"]
 
 
+def winners(rows: list[dict]) -> dict[tuple[str, int], str]:
+    """The chosen candidate of every (data set, horizon) whose search is complete: the seed-0
+    runs of all its candidates (a seed-0 run recorded as "final" by an earlier protocol, which
+    chose once per data set, is the same run)."""
+    found = collections.defaultdict(dict)
+    for r in rows:
+        if "error" not in r and r["seed"] == 0 and r["kind"] in ("search", "final"):
+            found[r["dataset"], r["horizon"]][r["candidate"]] = r
+    return {key: choose(list(cands.values())) for key, cands in found.items()
+            if set(grid_for(key[0])) <= set(cands)}
+
+
 def cmd_run(args):
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +223,7 @@ def cmd_run(args):
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init,
                                   initargs=(args.cache_dir,))
-    search = collections.defaultdict(list)
+    search = collections.defaultdict(dict)
     pending: dict[cf.Future, dict] = {}
     queue = list(_synthetic_jobs()) + list(_search_jobs(args.data_dir))
     if args.datasets:
@@ -233,13 +242,13 @@ def cmd_run(args):
               flush=True)
 
     def after_search(row):
-        search[row["dataset"]].append(row)
-        if len(search[row["dataset"]]) == len(grid_for(row["dataset"])):
-            winner = choose(search[row["dataset"]])
-            print(f"search {row['dataset']}: chose {winner}", flush=True)
-            # Final runs go before the remaining searches of other data sets.
-            queue[:0] = list(_final_jobs(row["dataset"], winner, args.data_dir,
-                                         args.final_patience))
+        key = row["dataset"], row["horizon"]
+        search[key][row["candidate"]] = row
+        if set(search[key]) == set(grid_for(row["dataset"])):
+            winner = choose(list(search[key].values()))
+            print(f"search {key}: chose {winner}", flush=True)
+            # Final runs go before the remaining searches.
+            queue[:0] = list(_final_jobs(*key, winner, args.data_dir, args.final_patience))
 
     while queue or pending:
         while queue and len(pending) < args.workers and time.time() < deadline:
@@ -265,10 +274,12 @@ def cmd_run(args):
     left = [j["tag"] for j in pending.values()] + [j["tag"] for j in queue]
     if left:
         print(f"deadline: {len(left)} runs not finished: {', '.join(left)}", flush=True)
-    workers = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=not left, cancel_futures=True)
-    for proc in workers:  # runs still going at the deadline are abandoned
-        proc.terminate()
+    # Runs still going at the deadline are abandoned: their workers are killed first, so that
+    # the shutdown does not wait for them.
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if left:
+            proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fmt(values):
@@ -276,7 +287,28 @@ def _fmt(values):
         return "-"
     if len(values) == 1:
         return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    seeds = "" if len(values) == len(SEEDS) else f" ({len(values)} seeds)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}{seeds}"
+
+
+def print_search(ok: list[dict], chosen: dict[tuple[str, int], str]) -> None:
+    """Validation MSE of every searched candidate (seed 0), the chosen one in bold."""
+    names = list(dict.fromkeys(n for d in DATASETS for n in grid_for(d)))
+    val = {(r["dataset"], r["horizon"], r["candidate"]): r["best_val_mse"] for r in ok
+           if r["seed"] == 0 and r["kind"] in ("search", "final")}
+    print("| data set | H | " + " | ".join(names) + " | chosen |")
+    print("|---|---|" + "---|" * (len(names) + 1))
+    for dataset in DATASETS:
+        for horizon in HORIZONS:
+            cells = []
+            for name in names:
+                value = val.get((dataset, horizon, name))
+                text = "-" if value is None else f"{value:.4f}"
+                bold = chosen.get((dataset, horizon)) == name
+                cells.append(f"**{text}**" if bold else text)
+            print(f"| {dataset} | {horizon} | " + " | ".join(cells) +
+                  f" | {chosen.get((dataset, horizon), 'incomplete')} |")
+    print()
 
 
 def cmd_table(args):
@@ -284,18 +316,15 @@ def cmd_table(args):
     # A tag run again (a rerun after an error or a lost machine) counts once: its last success.
     ok = list({r["tag"]: r for r in rows if "error" not in r}.values())
     errors = [r for r in rows if "error" in r and r["tag"] not in {o["tag"] for o in ok}]
-    winners = {}
-    for dataset in DATASETS:
-        cands = [r for r in ok if r["dataset"] == dataset and r["kind"] == "search"]
-        if len(cands) == len(grid_for(dataset)):
-            winners[dataset] = choose(cands)
-    print("| data set | H | ours MSE (mean ± std, 3 seeds) | ours MAE | paper MSE | "
+    chosen = winners(ok)
+    print_search(ok, chosen)
+    print("| data set | H | ours MSE (mean ± std, 3 seeds) | ours MAE | paper MSE | chosen | "
           "train time per run (s) | command |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for dataset in DATASETS:
-        cand = winners.get(dataset)
         means = []
         for i, horizon in enumerate(HORIZONS):
+            cand = chosen.get((dataset, horizon))
             runs = [r for r in ok if r["dataset"] == dataset and r["horizon"] == horizon
                     and r.get("candidate") == cand and r["kind"] in ("search", "final")]
             mse = [r["test_mse"] for r in runs]
@@ -306,10 +335,10 @@ def cmd_table(args):
             command = (f"`python train.py --config configs/tsm2.py:paper,dataset={dataset},"
                        f"horizon={horizon},seed=S`")
             print(f"| {dataset} | {horizon} | {_fmt(mse)} | {_fmt(mae)} | "
-                  f"{PAPER_MSE[dataset][i]:.3f} | {wall:.0f} | {command} |")
+                  f"{PAPER_MSE[dataset][i]:.3f} | {cand or '-'} | {wall:.0f} | {command} |")
         paper_mean = statistics.mean(PAPER_MSE[dataset])
         ours = f"{statistics.mean(means):.3f}" if len(means) == len(HORIZONS) else "incomplete"
-        print(f"| {dataset} | mean | {ours} | | {paper_mean:.3f} | | chosen: {cand} |")
+        print(f"| {dataset} | mean | {ours} | | {paper_mean:.3f} | | | |")
     print()
     print("| absent data set (synthetic data of its shape) | variates | one epoch (s) | "
           "steps/s | peak GPU MiB | params |")

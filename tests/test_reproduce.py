@@ -33,18 +33,31 @@ def test_choice_looks_at_validation_only(driver):
 
 
 def test_paper_config_is_what_the_recorded_runs_trained(driver):
-    """configs/tsm2.py:paper must hold the hyper-parameters of the final runs in the table."""
+    """configs/tsm2.py:paper must hold the hyper-parameters of the runs in the table: at each
+    (data set, horizon), those of its chosen candidate's seed-1 run."""
     rows = [json.loads(line) for line in RUNS.read_text().splitlines()]
-    finals = {r["dataset"]: r for r in rows
-              if r["kind"] == "final" and "error" not in r and r["seed"] == 1}
-    assert set(finals) == set(driver.DATASETS)
+    ok = [r for r in rows if "error" not in r]
+    chosen = driver.winners(ok)
+    assert set(chosen) == {(d, h) for d in driver.DATASETS for h in driver.HORIZONS}
     module = driver.config_module()
-    for dataset, row in finals.items():
+    for (dataset, horizon), candidate in chosen.items():
+        row = next(r for r in ok if (r["dataset"], r["horizon"], r["seed"], r["candidate"])
+                   == (dataset, horizon, 1, candidate))
         ran = driver.job_config(row, quick=False)
-        recorded = module.get_config(f"paper,dataset={dataset},horizon={row['horizon']},seed=1")
+        recorded = module.get_config(f"paper,dataset={dataset},horizon={horizon},seed=1")
         for key in module.HPARAM_KEYS.values():
             group, name = key.split(".")
-            assert recorded[group][name] == ran[group][name], (dataset, key)
+            assert recorded[group][name] == ran[group][name], (dataset, horizon, key)
+
+
+def test_winners_are_chosen_per_horizon_on_validation(driver, monkeypatch):
+    rows = [_row("a96", "d64_lr1e-3", val=0.5, test=0.9), _row("b96", "d32_lr5e-4", val=0.6,
+                                                                 test=0.1),
+            dict(_row("a192", "d64_lr1e-3", val=0.9, test=0.1), horizon=192),
+            dict(_row("b192", "d32_lr5e-4", val=0.8, test=0.9), horizon=192, kind="final")]
+    monkeypatch.setattr(driver, "grid_for", lambda dataset: {"d64_lr1e-3": {}, "d32_lr5e-4": {}})
+    assert driver.winners(rows) == {("etth1", 96): "d64_lr1e-3", ("etth1", 192): "d32_lr5e-4"}
+    assert driver.winners(rows[:3]) == {("etth1", 96): "d64_lr1e-3"}  # 192 is incomplete
 
 
 def test_candidates_do_not_inherit_the_recorded_choice(driver):
@@ -69,7 +82,8 @@ def test_table_counts_a_rerun_once_and_forgets_its_earlier_error(driver, tmp_pat
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     driver.cmd_table(argparse.Namespace(runs=str(path)))
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if x.startswith("| etth2 | 96 |"))
+    search_line, line = [x for x in out.splitlines() if x.startswith("| etth2 | 96 |")]
+    assert "**0.3000**" in search_line  # the chosen candidate's validation MSE
     assert "0.310 ± 0.010" in line  # seeds 0, 1, 2: 0.30, 0.31, 0.32
     assert "error" not in out
 
