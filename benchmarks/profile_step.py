@@ -8,7 +8,8 @@ r"""Where the time of one image-classification training step goes, kernel by ker
 Builds the exact jitted training step of the config (its model, loss, on-device augmentation
 and optimizer, on the config's mesh) over random images of the config's size, runs it under
 `jax.profiler`, and reads the trace back (`jax.profiler.ProfileData`). Prints:
-- the wall time per step and the time the device was busy (the union of kernel intervals);
+- the wall time per step and the time the device was busy (the union of kernel intervals),
+  and the wall time when each step's batch comes from the host as in `train.py`;
 - the kernel time by kind: Pallas/Triton kernels, matrix products and convolutions, other XLA
   fusions, copies;
 - the `--top` kernels by total time, with their calls per step.
@@ -37,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from mmx_jax.data.image_sources import ImageArrays  # noqa: E402
 from mmx_jax.train.classification import ClassificationTask  # noqa: E402
-from mmx_jax.train.loop import make_train_step, setup  # noqa: E402
+from mmx_jax.train.loop import make_train_step, place_batch, setup  # noqa: E402
 
 KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("copy/memset", ("memcpy", "memset", "copy")),
@@ -132,8 +133,7 @@ def main():
         state = run.init_state()
         train_step = make_train_step(run)
         batches = run.task.train_batches(0, run.steps_per_epoch)
-        batch = jax.device_put(next(batches), train_step.in_shardings[1]
-                               if hasattr(train_step, "in_shardings") else None)
+        batch = place_batch(run, next(batches), run.task.train_batch_size)
         start = time.perf_counter()
         state, metrics = train_step(state, batch)
         jax.block_until_ready(metrics)
@@ -153,13 +153,23 @@ def main():
         wall = (time.perf_counter() - start) / steps
         jax.profiler.stop_trace()
 
+        # The same steps fed like train.py feeds them (host batch, placement, dispatch): a
+        # wall time above the one of a resident batch means the host is the bottleneck.
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = train_step(state, place_batch(run, next(batches),
+                                                      run.task.train_batch_size))
+        jax.block_until_ready(metrics)
+        fed = (time.perf_counter() - start) / steps
+
     source, line_names, events = device_events(trace_dir)
     busy = busy_ns(events) / steps / 1e6
     total = sum(e[2] for e in events) / steps / 1e6
     print(f"trace: {source}; lines {line_names}")
     print(f"wall {wall * 1e3:.2f} ms/step; device busy {busy:.2f} ms/step "
           f"({100 * busy / (wall * 1e3):.0f} %); kernel time summed {total:.2f} ms/step; "
-          f"{len(events) / steps:.0f} kernels/step")
+          f"{len(events) / steps:.0f} kernels/step; wall with batches fed by the host "
+          f"{fed * 1e3:.2f} ms/step")
 
     by_kind = collections.defaultdict(lambda: [0.0, 0])
     by_name = collections.defaultdict(lambda: [0.0, 0])

@@ -218,7 +218,7 @@ def test_mesh_and_batch_errors():
 def test_ema_of_the_weights_follows_its_formula(tmp_path):
     from flax import nnx
 
-    from mmx_jax.train.loop import _place, make_train_step
+    from mmx_jax.train.loop import make_train_step, place_batch
 
     config = small_config()
     config.mesh.update(data=1, fsdp=1)
@@ -229,7 +229,7 @@ def test_ema_of_the_weights_follows_its_formula(tmp_path):
     batches = run.task.train_batches(0, run.steps_per_epoch)
     want = jax.tree.map(np.asarray, state["ema"])
     for _ in range(2):
-        state, _ = step(state, _place(run, next(batches), run.task.train_batch_size))
+        state, _ = step(state, place_batch(run, next(batches), run.task.train_batch_size))
         params = nnx.state(nnx.merge(run.graphdefs["model"], state["model"]), nnx.Param)
         want = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * np.asarray(p), want, params)
     for got, expected in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(want), strict=True):

@@ -155,7 +155,8 @@ def make_eval_step(run: Run):
                    out_shardings=replicated)
 
 
-def _place(run: Run, local: dict[str, np.ndarray], global_size: int):
+def place_batch(run: Run, local: dict[str, np.ndarray], global_size: int):
+    """This process's rows of a batch as global arrays sharded over the mesh's data axis."""
     return global_batch(local, batch_sharding(run.mesh), global_size)
 
 
@@ -164,7 +165,7 @@ def evaluate_split(run: Run, state, split: str, eval_step=None) -> dict[str, flo
     eval_step = eval_step or make_eval_step(run)
     totals: dict[str, float] = {}
     for batch in run.task.eval_batches(split):
-        sums = jax.device_get(eval_step(state, _place(run, batch, run.task.eval_batch_size)))
+        sums = jax.device_get(eval_step(state, place_batch(run, batch, run.task.eval_batch_size)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     return run.task.metrics(totals)
@@ -263,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         try:
             batches = run.task.train_batches(step, spe)
             while step < run.total_steps and not meta["finished"]:
-                state, metrics = train_step(state, _place(run, next(batches),
+                state, metrics = train_step(state, place_batch(run, next(batches),
                                                           run.task.train_batch_size))
                 step += 1
                 pending.append((step, metrics))
