@@ -72,6 +72,7 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         randaugment_ops=2,
         randaugment_magnitude=9.0,
         erasing_prob=0.25,
+        cutout_size=0,  # memory pipeline: a square of this side per image set to the mean
         mixup_alpha=0.0 if small_images else 0.8,
         cutmix_alpha=0.0 if small_images else 1.0,
         mix_prob=1.0,
@@ -111,7 +112,8 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
     )
     config.mesh = dict(data=-1, fsdp=1)
     config.sharding = dict(fsdp_min_size=2**16, rules=[])
-    config.eval = dict(plot_variates=0, plot_windows=0)
+    config.eval = dict(plot_variates=0, plot_windows=0,
+                       flip_tta=False)  # average the logits of each image and its mirror
 
     if args["smoke"]:
         config.model.update(widths=(16, 32, 64, 128), token_depths=(1, 1, 1, 1),

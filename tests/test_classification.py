@@ -82,3 +82,48 @@ def test_tiny_vim2_learns_real_images_through_the_loop(cifar_folder, tmp_path):
     assert len(losses) == 14 * (40 // 16)
     assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4]), losses
     assert results["test_top1"] > 0.7  # the training images themselves (two classes)
+
+    from mmx_jax.train.evaluate import evaluate_and_report  # noqa: PLC0415
+    from mmx_jax.train.loop import load_config  # noqa: PLC0415
+
+    config = load_config(tmp_path / "run")
+    config.eval.flip_tta = True
+    report = evaluate_and_report(tmp_path / "run", config=config, devices=jax.devices()[:1])
+    assert report["flip_tta"] and report["test_top1"] > 0.7
+    assert (tmp_path / "run" / "eval" / "best_flip" / "metrics.json").exists()
+
+
+def test_cutout_sets_one_mean_square_per_image_and_is_deterministic(cifar_folder):
+    task = ClassificationTask.from_config(_config(cifar_folder, cutout_size=8))
+    batch = next(task.train_batches(3, task.steps_per_epoch()))
+    images, targets = task.train_inputs(batch)
+    images, original = np.asarray(images), np.asarray(batch["image"])
+    np.testing.assert_array_equal(np.argmax(targets, -1), batch["label"])
+    fill = np.round(255 * np.asarray(CIFAR10_MEAN)).astype(np.uint8)
+    changed = np.any(images != original, axis=-1)  # (B, H, W)
+    for example, mask in zip(images, changed, strict=True):
+        rows, cols = np.nonzero(mask)
+        assert 0 < len(rows) <= 64
+        # the changed pixels hold the fill and lie in one square of side at most 8
+        np.testing.assert_array_equal(example[rows, cols], np.broadcast_to(fill, (len(rows), 3)))
+        assert rows.max() - rows.min() < 8 and cols.max() - cols.min() < 8
+    again, _ = task.train_inputs(batch)
+    np.testing.assert_array_equal(np.asarray(again), images)
+    other, _ = task.train_inputs({**batch, "seed": batch["seed"] + 1})
+    assert np.any(np.asarray(other) != images)
+
+
+def test_flip_test_time_augmentation_makes_predictions_mirror_invariant(cifar_folder):
+    from flax import nnx  # noqa: PLC0415
+
+    config = _config(cifar_folder)
+    task = ClassificationTask.from_config(config)
+    model = task.create_model(nnx.Rngs(0))
+    model.eval()
+    batch = next(task.eval_batches("test"))
+    mirrored = {**batch, "image": batch["image"][:, :, ::-1]}
+    plain = np.asarray(task.predict(model, batch))
+    assert not np.allclose(plain, np.asarray(task.predict(model, mirrored)), atol=1e-4)
+    config.eval.flip_tta = True
+    np.testing.assert_allclose(task.predict(model, batch), task.predict(model, mirrored),
+                               rtol=1e-4, atol=1e-5)

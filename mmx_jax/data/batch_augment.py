@@ -160,9 +160,9 @@ def random_crop_flip(key: jax.Array, images: jax.Array, padding: int = 4,
     return jnp.where(flip[:, None, None, None], crop[:, :, ::-1], crop)
 
 
-def cutout(key: jax.Array, images: jax.Array, size: int, fill: float = 0) -> jax.Array:
+def cutout(key: jax.Array, images: jax.Array, size: int, fill=0) -> jax.Array:
     """Sets a (size, size) square per example, centred anywhere and clipped at the border, to
-    ``fill`` (B, H, W, C) -> same shape and dtype."""
+    ``fill`` (a scalar or one value per channel): (B, H, W, C) -> same shape and dtype."""
     _check_images(images)
     b, h, w, _ = images.shape
     k_y, k_x = jax.random.split(key)

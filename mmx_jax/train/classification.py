@@ -4,7 +4,7 @@ Two pipelines (`config.data.pipeline`):
 
 * "memory": each split decoded once into a uint8 array (`decode_to_arrays`, cached), batches
   gathered from it, and the small-image augmentation (pad-4 random crop + flip, optional
-  mixup/cutmix) done on device inside the jitted step. For CIFAR-sized data.
+  cutout and mixup/cutmix) done on device inside the jitted step. For CIFAR-sized data.
 * "grain": a grain loader with worker processes reading the source and applying the DeiT/Swin
   per-example recipe (random-resized crop, flip, RandAugment, random erasing); mixup/cutmix
   and label smoothing on device. For ImageNet-sized data.
@@ -139,25 +139,39 @@ class ClassificationTask(Task):
     def _normalize(self, images):
         return img.normalize(images, self.config.data.mean, self.config.data.std)
 
-    def loss(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+    def train_inputs(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """The on-device augmentation of a training batch: (images, soft targets (B, classes)).
+        Deterministic given the config's seed and the batch's step ("seed")."""
         d = self.config.data
         key = jax.random.fold_in(jax.random.key(self.config.seed), batch["seed"][0])
-        k_crop, k_mix = jax.random.split(key)
+        k_crop, k_mix, k_cut = jax.random.split(key, 3)
         images = batch["image"]
         if d.pipeline == "memory" and d.crop_padding >= 0:
             images = img.random_crop_flip(k_crop, images, padding=d.crop_padding)
+        if d.pipeline == "memory" and d.get("cutout_size", 0) > 0:
+            # The mean pixel: zero after normalisation.
+            fill = np.round(255 * np.asarray(d.mean)).astype(np.uint8)
+            images = img.cutout(k_cut, images, d.cutout_size, fill=fill)
         if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
-            images, targets = img.mixup_cutmix(
+            return img.mixup_cutmix(
                 k_mix, images, batch["label"], num_classes=self.num_classes,
                 mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, prob=d.mix_prob,
                 label_smoothing=d.label_smoothing)
-        else:
-            targets = img.smooth_labels(batch["label"], self.num_classes, d.label_smoothing)
+        return images, img.smooth_labels(batch["label"], self.num_classes, d.label_smoothing)
+
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+        images, targets = self.train_inputs(batch)
         logits = model(self._normalize(images))
         return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
     def predict(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-        return model(self._normalize(batch["image"])).astype(jnp.float32)
+        """Logits (B, classes), float32; with `eval.flip_tta`, the mean of the logits of each
+        image and of its mirror image."""
+        x = self._normalize(batch["image"])
+        logits = model(x).astype(jnp.float32)
+        if self.config.get("eval", {}).get("flip_tta", False):
+            logits = (logits + model(x[:, :, ::-1]).astype(jnp.float32)) / 2
+        return logits
 
     def eval_sums(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         logits = self.predict(model, batch)

@@ -27,9 +27,10 @@ def evaluate_and_report(workdir: str | pathlib.Path, *, checkpoint: str | int = 
     try:
         state, _, step = run.restore(checkpoint)
         metrics = evaluate_split(run, state, split)
-        out_dir = workdir / "eval" / str(checkpoint)
+        flip = bool(config.get("eval", {}).get("flip_tta", False))
+        out_dir = workdir / "eval" / (str(checkpoint) + ("_flip" if flip else ""))
         report = {"workdir": str(workdir), "checkpoint": str(checkpoint), "step": step,
-                  "split": split, "devices": run.mesh.size,
+                  "split": split, "devices": run.mesh.size, **({"flip_tta": True} if flip else {}),
                   **{f"{split}_{k}": v for k, v in metrics.items()}}
         if jax.process_index() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
