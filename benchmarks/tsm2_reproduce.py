@@ -2,7 +2,7 @@ r"""Reproduces the paper's TSM2 forecasting table: search on validation, then 3 
 
     python benchmarks/tsm2_reproduce.py run --data-dir ../shared/data/timeseries \
         --out results/tsm2_runs.jsonl --workers 8 --deadline 540
-    python benchmarks/tsm2_reproduce.py table --runs results/tsm2_runs.jsonl > results/tsm2.md
+    python benchmarks/tsm2_reproduce.py table --runs results/tsm2_runs.jsonl   # for results/tsm2.md
     python benchmarks/tsm2_reproduce.py run --quick ...      # tiny shapes, a CPU smoke test
 
 `run` trains many configs of `configs/tsm2.py:paper` in parallel worker processes (several
@@ -16,8 +16,9 @@ small runs share one GPU well) and appends one JSON line per finished run to --o
 3. Shapes of the absent data sets: one epoch of Electricity (26304 x 321) and Traffic
    (17544 x 862) shaped synthetic data, timed, with the peak GPU memory.
 
-Jobs are run in that priority order with a wall-clock deadline; whatever has not started by
-then is left out (and listed), so a rerun with the same --out completes the rest.
+Jobs are run in that priority order with a wall-clock deadline; runs not finished by then are
+stopped and listed, and a rerun with the same --out completes what is missing. Note that the
+search and final runs are started in that order but run concurrently (up to --workers).
 """
 
 from __future__ import annotations
