@@ -144,7 +144,8 @@ class ClassificationTask(Task):
         Deterministic given the config's seed and the batch's step ("seed")."""
         d = self.config.data
         key = jax.random.fold_in(jax.random.key(self.config.seed), batch["seed"][0])
-        k_crop, k_mix, k_cut = jax.random.split(key, 3)
+        k_crop, k_mix = jax.random.split(key)  # as before cutout existed: same crops and mixes
+        k_cut = jax.random.fold_in(key, 2)
         images = batch["image"]
         if d.pipeline == "memory" and d.crop_padding >= 0:
             images = img.random_crop_flip(k_crop, images, padding=d.crop_padding)
