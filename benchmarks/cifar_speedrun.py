@@ -15,9 +15,6 @@ limit, or on SIGTERM/Ctrl-C); `--set train.eval_every_steps=95` restores per-epo
 from __future__ import annotations
 
 import argparse
-import ast
-import contextlib
-import importlib.util
 import json
 import logging
 import pathlib
@@ -46,6 +43,7 @@ def main():
     logging.getLogger("absl").setLevel(logging.WARNING)
 
     from mmx_jax.data.images import FolderSource, decode_to_arrays, extract_archive
+    from mmx_jax.train.config_args import apply_overrides, load_config_file
     from mmx_jax.train.loop import train_and_evaluate
 
     timings = {}
@@ -55,21 +53,13 @@ def main():
         decode_to_arrays(FolderSource(root, split), cache_dir=args.cache_dir)
     timings["extract_decode_s"] = time.time() - start
 
-    spec = importlib.util.spec_from_file_location(
-        "config", REPO / "configs" / f"{args.family}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     arg = "smoke" if args.smoke else f"variant=cifar,epochs={args.epochs}"
-    config = module.get_config(f"{arg},dataset=folder:{root}")
+    config = load_config_file(f"{REPO / 'configs' / args.family}.py:{arg},dataset=folder:{root}")
     config.data.cache_dir = args.cache_dir
     config.train.time_limit_s = args.time_limit
     if not args.smoke:
         config.train.eval_every_steps = config.train.checkpoint_every_steps = 10**9
-    for item in args.set:
-        key, value = item.split("=", 1)
-        with contextlib.suppress(ValueError, SyntaxError):  # else a plain string
-            value = ast.literal_eval(value)
-        config.update_from_flattened_dict({key: value})
+    apply_overrides(config, args.set)
 
     start = time.time()
     results = train_and_evaluate(config, args.workdir)

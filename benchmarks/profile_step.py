@@ -21,10 +21,7 @@ script. `--trace-dir` keeps the trace for TensorBoard / XProf.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
-import contextlib
-import importlib.util
 import pathlib
 import sys
 import tempfile
@@ -38,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from mmx_jax.data.image_sources import ImageArrays  # noqa: E402
 from mmx_jax.train.classification import ClassificationTask  # noqa: E402
+from mmx_jax.train.config_args import apply_overrides, load_config_file  # noqa: E402
 from mmx_jax.train.loop import make_train_step, place_batch, setup  # noqa: E402
 
 KINDS = (  # (kind, substrings of the kernel name), first match wins
@@ -45,20 +43,6 @@ KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("matmul/conv", ("gemm", "xmma", "cutlass", "cublas", "conv", "dot", "wgmma", "sm90")),
     ("pallas", ("pallas", "triton", "_kernel", "selective_scan")),
 )
-
-
-def load_config(spec: str, overrides: list[str]):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("profiled_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    for item in overrides:
-        key, value = item.split("=", 1)
-        with contextlib.suppress(ValueError, SyntaxError):  # else a plain string
-            value = ast.literal_eval(value)
-        config.update_from_flattened_dict({key: value})
-    return config
 
 
 def synthetic_task(config, num_classes: int = 10) -> ClassificationTask:
@@ -127,7 +111,7 @@ def main():
     args = parser.parse_args()
     steps = 2 if args.quick else args.steps
 
-    config = load_config(args.config, args.set)
+    config = apply_overrides(load_config_file(args.config), args.set)
     with tempfile.TemporaryDirectory() as workdir:
         run = setup(config, workdir, task=synthetic_task(config))
         state = run.init_state()

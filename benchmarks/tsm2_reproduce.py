@@ -199,14 +199,18 @@ def choose(search_rows: list[dict]) -> str:
     return min(ok, key=lambda r: r["best_val_mse"])["candidate"]
 
 
+def _is_search_run(row: dict) -> bool:
+    """A successful seed-0 run of a candidate (a seed-0 run recorded as "final" by an earlier
+    protocol, which chose once per data set, is the same run)."""
+    return "error" not in row and row["seed"] == 0 and row["kind"] in ("search", "final")
+
+
 def winners(rows: list[dict]) -> dict[tuple[str, int], str]:
-    """The chosen candidate of every (data set, horizon) whose search is complete: the seed-0
-    runs of all its candidates (a seed-0 run recorded as "final" by an earlier protocol, which
-    chose once per data set, is the same run)."""
+    """The chosen candidate of every (data set, horizon) whose search is complete: the search
+    runs of all its candidates."""
     found = collections.defaultdict(dict)
-    for r in rows:
-        if "error" not in r and r["seed"] == 0 and r["kind"] in ("search", "final"):
-            found[r["dataset"], r["horizon"]][r["candidate"]] = r
+    for r in filter(_is_search_run, rows):
+        found[r["dataset"], r["horizon"]][r["candidate"]] = r
     return {key: choose(list(cands.values())) for key, cands in found.items()
             if set(grid_for(key[0])) <= set(cands)}
 
@@ -277,8 +281,8 @@ def cmd_run(args):
         print(f"deadline: {len(left)} runs not finished: {', '.join(left)}", flush=True)
     # Runs still going at the deadline are abandoned: their workers are killed first, so that
     # the shutdown does not wait for them.
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        if left:
+    if left:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
             proc.kill()
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -295,8 +299,8 @@ def _fmt(values):
 def print_search(ok: list[dict], chosen: dict[tuple[str, int], str]) -> None:
     """Validation MSE of every searched candidate (seed 0), the chosen one in bold."""
     names = list(dict.fromkeys(n for d in DATASETS for n in grid_for(d)))
-    val = {(r["dataset"], r["horizon"], r["candidate"]): r["best_val_mse"] for r in ok
-           if r["seed"] == 0 and r["kind"] in ("search", "final")}
+    val = {(r["dataset"], r["horizon"], r["candidate"]): r["best_val_mse"]
+           for r in filter(_is_search_run, ok)}
     print("| data set | H | " + " | ".join(names) + " | chosen |")
     print("|---|---|" + "---|" * (len(names) + 1))
     for dataset in DATASETS:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import importlib.util
+import pathlib
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -61,3 +66,28 @@ def explain_override_error(error: Exception, argv: list[str]) -> str:
                     + "; run with --config=<file> --helpfull or read the config file for the "
                     "keys it defines")
     return f"bad --config override: {text}"
+
+
+def load_config_file(spec: str):
+    """The ConfigDict of "path/to/config.py[:arg]" (its `get_config(arg)`), as train.py's
+    --config reads it."""
+    path, _, arg = spec.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"config file {path!r} not found (from {spec!r})")
+    module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def apply_overrides(config, items: Iterable[str]):
+    """Applies "dotted.key=value" overrides in place (values parsed as Python literals, else
+    kept as strings) and returns the config."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        with contextlib.suppress(ValueError, SyntaxError):  # else a plain string
+            value = ast.literal_eval(value)
+        config.update_from_flattened_dict({key: value})
+    return config

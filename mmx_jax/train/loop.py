@@ -264,8 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         try:
             batches = run.task.train_batches(step, spe)
             while step < run.total_steps and not meta["finished"]:
-                state, metrics = train_step(state, place_batch(run, next(batches),
-                                                          run.task.train_batch_size))
+                batch = place_batch(run, next(batches), run.task.train_batch_size)
+                state, metrics = train_step(state, batch)
                 step += 1
                 pending.append((step, metrics))
                 bar.update(1)
