@@ -38,6 +38,9 @@ def main():
                         help="training seconds, compile included (0: none)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--set", action="append", default=[], help="key=value overrides")
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="also evaluate with mirror test-time augmentation (eval.py "
+                             "--flip_tta; a second evaluation, reported as test_top1_flip)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps (CPU)")
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -71,13 +74,22 @@ def main():
     timings["eval_s"] = time.time() - start
     report = json.loads((pathlib.Path(args.workdir) / "eval" / "best" / "metrics.json")
                         .read_text())
+    flipped = {}
+    if args.flip_tta:
+        start = time.time()
+        subprocess.run([sys.executable, str(REPO / "eval.py"), f"--workdir={args.workdir}",
+                        "--flip_tta"], check=True)
+        timings["eval_flip_s"] = time.time() - start
+        metrics = json.loads((pathlib.Path(args.workdir) / "eval" / "best_flip" /
+                              "metrics.json").read_text())
+        flipped = {"test_top1_flip": metrics["test_top1"], "test_top5_flip": metrics["test_top5"]}
     rows = [json.loads(line) for line in
             (pathlib.Path(args.workdir) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
     steps = results["steps"]
     summary = {
         "family": args.family, "test_top1": report["test_top1"],
-        "test_top5": report["test_top5"], "steps": steps,
+        "test_top5": report["test_top5"], **flipped, "steps": steps,
         "epochs_done": steps / (49000 // config.data.batch_size),
         "train_images_per_s_incl_compile": steps * config.data.batch_size / timings["train_s"],
         "train_images_per_s_last": (rates[-1] * config.data.batch_size) if rates else None,
