@@ -107,6 +107,12 @@ def _exp2(x, fast: bool):
     return jnp.exp2(x)
 
 
+def _advance(h, dt, u, bv, a2, fast: bool):
+    """One scan step h <- exp(dt A) h + dt u B; returns the new state and exp(dt A)."""
+    a = _exp2(dt[None, :] * a2, fast)
+    return a * h + (dt * u)[None, :] * bv[:, None], a
+
+
 class _Program:
     """Index helpers of one program: batch row `bi`, channel block `blk`."""
 
@@ -158,13 +164,17 @@ class _Program:
         plgpu.store(ref.at[(*lead, self.rows, self.cols)], x.astype(ref.dtype),
                     mask=self.tile_ok)
 
+    def put_vec(self, ref, x, *lead):
+        """Stores a (block_e,) row into a (..., E) array."""
+        plgpu.store(ref.at[(*lead, self.cols)], x, mask=self.e_ok)
+
     def scratch_ref(self, ref, *lead):
         """The whole (N_pad, block_e) tile of a per-program scratch array."""
         return ref.at[(*lead, self.rows, pl.ds(0, self.d.block_e))]
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward.
+# Shared by the kernels.
 
 
 def _row_loop(lo, hi, load, body, state, rows, prefetch: bool):
@@ -185,6 +195,25 @@ def _row_loop(lo, hi, load, body, state, rows, prefetch: bool):
         return body(i, st, current), upcoming
 
     return jax.lax.fori_loop(lo, hi, step, (state, rows))
+
+
+def _compiler_params(warps: int, cfg: TritonConfig):
+    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
+
+
+def _call(kernel, d: _Dims, opts: Options, out_shape, warps: int, name: str):
+    """The pallas_call of `kernel` on the grid of every channel block of every batch row."""
+    cfg: TritonConfig = opts.backend_config
+    interpret = bool(opts.interpret)
+    return pl.pallas_call(
+        functools.partial(kernel, d=d, opts=opts, cfg=cfg, interpret=interpret),
+        out_shape=out_shape, grid=d.grid(d.groups * d.blocks_per_group),
+        interpret=opts.interpret, name=name,
+        compiler_params=None if interpret else _compiler_params(warps, cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
 
 
 def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
@@ -214,7 +243,7 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         bcs = [(p.state_row(b_ref, t, v), p.state_row(c_ref, t, v)) for t, v in times]
         for (t, valid), (u, dt_raw, z), (bv, cv) in zip(times, rows, bcs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h = _exp2(dt[None, :] * a2, fast) * h + (dt * u)[None, :] * bv[:, None]
+            h, _ = _advance(h, dt, u, bv, a2, fast)
             y = jnp.sum(h * cv[:, None], axis=0)
             if dvec is not None:
                 y = y + dvec * u
@@ -234,15 +263,10 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     p.put_tile(hlast_ref, h, p.bi)
 
 
-def _compiler_params(warps: int, cfg: TritonConfig):
-    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
-
-
 def forward(opts: Options, args: Normalised):
     """Returns y (b, L, E) in u's dtype, the final state (b, E, N) float32 and the residual
     (checkpoints (b, L/K, N, E) float32)."""
     cfg: TritonConfig = opts.backend_config
-    interpret = bool(opts.interpret)
     d = _dims(args, cfg.block_e, cfg)
     b, length, e = args.u.shape
     a2t = (args.A * LOG2E).T  # (N, E)
@@ -253,12 +277,8 @@ def forward(opts: Options, args: Normalised):
     out_shape = (jax.ShapeDtypeStruct((b, length, e), args.u.dtype),
                  jax.ShapeDtypeStruct((b, d.state, e), f32),
                  jax.ShapeDtypeStruct((b, d.n_intervals, d.state, e), f32))
-    kernel = functools.partial(_fwd_kernel, d=d, opts=opts, cfg=cfg, interpret=interpret)
-    y, hlast_t, ck = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=d.grid(d.groups * d.blocks_per_group),
-        interpret=opts.interpret, name="selective_scan_fwd",
-        compiler_params=None if interpret else _compiler_params(cfg.fwd_warps, cfg),
-    )(*ins)
+    y, hlast_t, ck = _call(_fwd_kernel, d, opts, out_shape, cfg.fwd_warps,
+                           "selective_scan_fwd")(*ins)
     return y, jnp.swapaxes(hlast_t, 1, 2), ck
 
 
@@ -298,10 +318,6 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
                          p.row(z_ref, t, valid) if with_grads and z_ref is not None else None))
         return rows
 
-    def advance(h, dt, u, bv):
-        a = _exp2(dt[None, :] * a2, fast)
-        return a * h + (dt * u)[None, :] * bv[:, None], a
-
     def sub_forward(j, h, rows, k):  # pass 1: the state at every sub-chunk start of interval k
         q = k * n_sub + j
         times = [p.time(q * unroll + i) for i in range(unroll)]
@@ -309,7 +325,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         plgpu.store(p.scratch_ref(sub_ref, slot, j), h)
         for (_, valid), (u, dt_raw, _, _), bv in zip(times, rows, bvs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h, _ = advance(h, dt, u, bv)
+            h, _ = _advance(h, dt, u, bv, a2, fast)
         return h
 
     def sub_backward(q, j, carry, rows):  # pass 2: one sub-chunk, its steps in reverse
@@ -321,7 +337,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         hs, steps = [h], []
         for (_, valid), (u, dt_raw, _, _), (bv, _) in zip(times, rows, bcs, strict=True):
             dt, slope = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h, a = advance(hs[-1], dt, u, bv)
+            h, a = _advance(hs[-1], dt, u, bv, a2, fast)
             hs.append(h)
             steps.append((dt, slope, a if cfg.keep_decay else None))
         for i in reversed(range(unroll)):
@@ -392,15 +408,14 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     p.put_tile(dh0_ref, g, p.bi)
     p.put_tile(da_ref, da, p.bi)
     if dd_ref is not None:
-        plgpu.store(dd_ref.at[p.bi, p.cols], dd, mask=p.e_ok)
+        p.put_vec(dd_ref, dd, p.bi)
     if dbias_ref is not None:
-        plgpu.store(dbias_ref.at[p.bi, p.cols], dbias, mask=p.e_ok)
+        p.put_vec(dbias_ref, dbias, p.bi)
 
 
 def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     """Gradients w.r.t. every normalised argument (float32; the glue casts them)."""
     cfg: TritonConfig = opts.backend_config
-    interpret = bool(opts.interpret)
     d = _dims(args, cfg.bwd_block_e, cfg)
     b, length, e = args.u.shape
     n, g = d.state, d.groups
@@ -424,12 +439,8 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     out_shape.append(sds((b, n, e), f32))
     out_shape.append(sds((b * n_blocks if n_sub > 1 else 1, n_sub, d.state_pad, d.block_e),
                          f32))
-    kernel = functools.partial(_bwd_kernel, d=d, opts=opts, cfg=cfg, interpret=interpret)
-    outs = list(pl.pallas_call(
-        kernel, out_shape=tuple(out_shape), grid=d.grid(n_blocks),
-        interpret=opts.interpret, name="selective_scan_bwd",
-        compiler_params=None if interpret else _compiler_params(cfg.bwd_warps, cfg),
-    )(*ins))
+    outs = list(_call(_bwd_kernel, d, opts, tuple(out_shape), cfg.bwd_warps,
+                      "selective_scan_bwd")(*ins))
     du, ddelta = outs.pop(0), outs.pop(0)
     dz = outs.pop(0) if args.z is not None else None
     db_part, dc_part, da_part = outs.pop(0), outs.pop(0), outs.pop(0)
