@@ -1,8 +1,9 @@
 """Selective scan for GPUs: Pallas kernels lowered through Triton, forward and backward.
 
-Grid (channel blocks, batch). A program owns `block_e` channels of one batch row (within one
-B/C group) and keeps their state as an (N, block_e) tile, one channel per thread, so the
-output's sum over N stays inside a thread. It walks the sequence in chunks of `fwd_unroll`
+Grid (channel blocks, batch), or (batch, channel blocks) when the batch (times the time
+splits below) exceeds the grid's y limit. A program owns `block_e` channels of one batch row
+(within one B/C group) and keeps their state as an (N, block_e) tile, one channel per thread,
+so the output's sum over N stays inside a thread. It walks the sequence in chunks of `fwd_unroll`
 steps unrolled in Python: the loads of a chunk do not depend on the state, so they are issued
 together and the memory latency is paid once per chunk instead of once per step.
 
@@ -16,6 +17,27 @@ states are recomputed into registers (one SSA value per step) and walked backwar
 adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t. Reductions over channels (dB, dC) are per-program
 partial sums added up afterwards in JAX (deterministic); reductions over batch and time
 (dA, dD, d delta_bias) are per-program accumulators, also summed in JAX.
+
+Time splits (`time_splits` S > 1): with few batch rows and channel blocks there are too few
+programs to hide one step's latency behind the others', so the time axis is cut into S
+segments of whole checkpoint intervals (in scan-step order, so `reverse` needs nothing
+special; K is chosen for the segment length L/S as it is for L without splits, and the
+interval count is padded to a multiple of S with fully masked steps), and each
+(batch row, segment) pair gets its own programs: the grid's batch axis enumerates
+row * S + segment. The state is linear in its start, and the decay over a segment is
+exp(A * sum of its step sizes) for a diagonal A, so:
+
+  forward:  a summary kernel scans every segment but the last from a zero state (its final
+            state and summed step size); JAX carries the true state across the segment starts
+            (S is small: a Python loop); the forward kernel then scans each segment from its
+            true start, so its checkpoints and output are those of the unsplit scan.
+  backward: a summary kernel walks every segment but the first back from a zero adjoint (the
+            adjoint at its start and its summed step size); JAX carries the true adjoint back
+            across the segment ends; the backward kernel walks each segment back from it. The
+            per-program accumulators get one slot per (row, segment), summed in JAX like the
+            rest; dB and dC partials are indexed by time and need nothing.
+
+The summaries cost one more pass of exps over (S-1)/S of the sequence in each direction.
 
 Any length and width: time steps past the end and channels past the block edge are masked
 (delta forced to 0, so the padded steps leave the state untouched). N is padded to a power of
@@ -48,13 +70,19 @@ MAX_STATE = 64  # larger N would not fit in registers as one tile
 
 GRID_Y_MAX = 65535  # CUDA's limit on the grid's y (and z) size; x allows 2**31 - 1
 
+# `time_splits=0` (auto): split time until there are this many programs (single-warp programs
+# by default: about 16 per SM of a 132-SM GPU, enough for one program's step latency to hide
+# behind the others'), into at most this many segments.
+TARGET_PROGRAMS = 2048
+MAX_TIME_SPLITS = 16
+
 
 class TritonConfig(NamedTuple):
     """Static tuning of the Triton kernels (all block sizes powers of two)."""
 
     block_e: int = 32  # channels per forward program (32 * fwd_warps: one per thread)
     fwd_warps: int = 1
-    fwd_unroll: int = 8  # steps unrolled per loop iteration in the forward
+    fwd_unroll: int = 8  # steps unrolled per loop iteration in the forward (and the summaries)
     bwd_block_e: int = 32
     bwd_warps: int = 1
     bwd_unroll: int = 4  # steps whose states the backward holds in registers at once
@@ -64,8 +92,47 @@ class TritonConfig(NamedTuple):
     keep_decay: bool = False  # keep exp(delta*A) of a sub-chunk in registers, not recompute
     prefetch: bool = True  # load the next chunk's rows while computing this one
     # Batch rows on the grid's x axis (limit 2**31 - 1) instead of y (limit 65535). None: only
-    # when the batch needs it; channel blocks of one row then no longer run side by side.
+    # when the batch (times time_splits) needs it; channel blocks of one row then no longer
+    # run side by side.
     batch_major: bool | None = None
+    # Segments of the time axis scanned by separate programs (module docstring); 1: one
+    # program walks the whole sequence, 0: `auto_time_splits` picks.
+    time_splits: int = 1
+
+
+def auto_time_splits(programs: int, length: int, interval: int) -> int:
+    """The number of time segments that `time_splits=0` picks.
+
+    The smallest power of two S <= MAX_TIME_SPLITS with programs * S >= TARGET_PROGRAMS, but
+    no more than keeps every segment at least two checkpoint intervals long: a shorter segment
+    spends as much on its summary pass and carried-state combine as it spreads.
+
+    Args:
+      programs: batch rows x channel blocks, the programs of an unsplit scan.
+      length: the sequence length L.
+      interval: the checkpoint interval of the unsplit scan.
+    """
+    s = 1
+    while s < MAX_TIME_SPLITS and programs * s < TARGET_PROGRAMS and length >= 4 * interval * s:
+        s *= 2
+    return s
+
+
+def _time_splits(cfg: TritonConfig, batch: int, length: int, blocks: int) -> int:
+    """The number of segments S of `cfg` at this shape (`blocks`: channel blocks of a row).
+    The forward and backward must agree on it (it shapes the checkpoints), so the auto choice
+    counts the blocks of the smaller of their two block sizes."""
+    if cfg.time_splits < 0:
+        raise ValueError(f"TritonConfig.time_splits={cfg.time_splits}: wanted >= 1, or 0 (auto)")
+    if cfg.time_splits:
+        return cfg.time_splits
+    return auto_time_splits(batch * blocks, length, _checkpoint_interval(length, cfg))
+
+
+def _checkpoint_interval(steps: int, cfg: TritonConfig) -> int:
+    """The checkpoint interval K for a walk of `steps` steps."""
+    unit = max(cfg.fwd_unroll, cfg.bwd_unroll)
+    return best_checkpoint_interval(steps, unit, cfg.bwd_unroll * cfg.bwd_sub_chunks)
 
 
 class _Dims(NamedTuple):
@@ -79,11 +146,15 @@ class _Dims(NamedTuple):
     blocks_per_group: int
     block_e: int
     interval: int  # checkpoint interval K
-    n_intervals: int
+    n_intervals: int  # time_splits * seg_intervals (the last ones may be all padding)
+    time_splits: int  # S, the number of time segments
+    seg_intervals: int  # checkpoint intervals per segment
     batch_major: bool  # grid (batch, blocks) rather than (blocks, batch)
 
-    def grid(self, n_blocks: int) -> tuple[int, int]:
-        return (self.batch, n_blocks) if self.batch_major else (n_blocks, self.batch)
+    def grid(self, segments: int) -> tuple[int, int]:
+        """The grid of a kernel whose batch axis holds `segments` segments per batch row."""
+        rows, n_blocks = self.batch * segments, self.groups * self.blocks_per_group
+        return (rows, n_blocks) if self.batch_major else (n_blocks, rows)
 
 
 def _dims(args: Normalised, block_e: int, cfg: TritonConfig) -> _Dims:
@@ -91,11 +162,15 @@ def _dims(args: Normalised, block_e: int, cfg: TritonConfig) -> _Dims:
     n = args.A.shape[1]
     g = args.B.shape[2]
     eg = e // g
-    unit = max(cfg.fwd_unroll, cfg.bwd_unroll)
-    k = best_checkpoint_interval(length, unit, cfg.bwd_unroll * cfg.bwd_sub_chunks)
-    batch_major = b > GRID_Y_MAX if cfg.batch_major is None else cfg.batch_major
+    splits = _time_splits(cfg, b, length, g * pl.cdiv(eg, min(cfg.block_e, cfg.bwd_block_e)))
+    # K suits the segment length as it suited the whole length without splits: the segments
+    # together then pad L the least.
+    seg_steps = pl.cdiv(length, splits)
+    k = _checkpoint_interval(seg_steps, cfg)
+    seg_intervals = pl.cdiv(seg_steps, k)
+    batch_major = b * splits > GRID_Y_MAX if cfg.batch_major is None else cfg.batch_major
     return _Dims(b, length, e, n, pl.next_power_of_2(n), g, eg, pl.cdiv(eg, block_e), block_e,
-                 k, pl.cdiv(length, k), batch_major)
+                 k, splits * seg_intervals, splits, seg_intervals, batch_major)
 
 
 def _exp2(x, fast: bool):
@@ -114,13 +189,29 @@ def _advance(h, dt, u, bv, a2, fast: bool):
 
 
 class _Program:
-    """Index helpers of one program: batch row `bi`, channel block `blk`."""
+    """Index helpers of one program: batch row `bi`, time segment `seg`, channel block `blk`.
 
-    def __init__(self, d: _Dims, reverse: bool):
+    The grid's batch axis holds `slot` = bi * segments + (seg - first_segment): the main
+    kernels have all S segments of a row, the summaries skip the one segment whose summary no
+    one needs (`first_segment` is then 1 for the backward's). The program owns checkpoint
+    intervals [k0, k_end). Without splits seg, k0 and k_end are Python ints (0, 0 and the
+    interval count), so the kernels trace as they did before splits existed.
+    """
+
+    def __init__(self, d: _Dims, reverse: bool, segments: int | None = None,
+                 first_segment: int = 0):
         self.d = d
         self.reverse = reverse
+        segments = d.time_splits if segments is None else segments
         batch_axis, block_axis = (0, 1) if d.batch_major else (1, 0)
-        self.bi, self.blk = pl.program_id(batch_axis), pl.program_id(block_axis)
+        self.slot, self.blk = pl.program_id(batch_axis), pl.program_id(block_axis)
+        if segments == 1:
+            self.bi, self.seg = self.slot, first_segment
+        else:
+            self.bi = self.slot // segments
+            self.seg = self.slot % segments + first_segment
+        self.k0 = self.seg * d.seg_intervals
+        self.k_end = self.k0 + d.seg_intervals
         self.group = self.blk // d.blocks_per_group
         local = (self.blk % d.blocks_per_group) * d.block_e
         self.e0 = self.group * d.group_width + local
@@ -129,6 +220,16 @@ class _Program:
         self.tile_ok = self.n_ok[:, None] & self.e_ok[None, :]
         self.cols = pl.ds(self.e0, d.block_e)
         self.rows = pl.ds(0, d.state_pad)
+
+    @property
+    def is_first(self):
+        """Whether this is a row's first segment (a scalar; None without splits: always)."""
+        return self.seg == 0 if self.d.time_splits > 1 else None
+
+    @property
+    def is_last(self):
+        """Whether this is a row's last segment (a scalar; None without splits: always)."""
+        return self.seg == self.d.time_splits - 1 if self.d.time_splits > 1 else None
 
     def time(self, s):
         """Scan step s -> (physical time index, in range)."""
@@ -160,9 +261,10 @@ class _Program:
         return plgpu.load(ref.at[(*lead, self.rows, self.cols)], mask=self.tile_ok,
                           other=0).astype(jnp.float32)
 
-    def put_tile(self, ref, x, *lead):
+    def put_tile(self, ref, x, *lead, when=None):
+        """Stores an (N_pad, block_e) tile into a (..., N, E) array (if `when`, a scalar)."""
         plgpu.store(ref.at[(*lead, self.rows, self.cols)], x.astype(ref.dtype),
-                    mask=self.tile_ok)
+                    mask=self.tile_ok if when is None else self.tile_ok & when)
 
     def put_vec(self, ref, x, *lead):
         """Stores a (block_e,) row into a (..., E) array."""
@@ -201,31 +303,82 @@ def _compiler_params(warps: int, cfg: TritonConfig):
     return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
 
-def _call(kernel, d: _Dims, opts: Options, out_shape, warps: int, name: str):
-    """The pallas_call of `kernel` on the grid of every channel block of every batch row."""
+def _call(kernel, d: _Dims, opts: Options, out_shape, segments: int, warps: int, name: str):
+    """The pallas_call of `kernel` on the grid of `segments` time segments per batch row."""
     cfg: TritonConfig = opts.backend_config
     interpret = bool(opts.interpret)
     return pl.pallas_call(
         functools.partial(kernel, d=d, opts=opts, cfg=cfg, interpret=interpret),
-        out_shape=out_shape, grid=d.grid(d.groups * d.blocks_per_group),
-        interpret=opts.interpret, name=name,
+        out_shape=out_shape, grid=d.grid(segments), interpret=opts.interpret, name=name,
         compiler_params=None if interpret else _compiler_params(warps, cfg))
+
+
+def _carry_across(a2t, start, local, sum_dt):
+    """The true carried value (state or adjoint) at each segment boundary, (b, S, N, E).
+
+    x_0 = start (b, N, E), x_{i+1} = exp(A sum_dt[:, i]) x_i + local[:, i]: `local`
+    (b, S-1, N, E) holds what each segment carries out from a zero start and `sum_dt`
+    (b, S-1, E) its summed step size (the value is linear in its start, and the decay over a
+    segment is exp(A sum_dt) for a diagonal A). S is small, so a Python loop.
+    """
+    xs = [start]
+    for i in range(local.shape[1]):
+        xs.append(jnp.exp2(a2t * sum_dt[:, i, None, :]) * xs[-1] + local[:, i])
+    return jnp.stack(xs, 1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
 
+def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
+    """Time splits: scans each segment but the last from a zero state; writes its final state
+    (b * (S-1), N, E) and its summed step size (b * (S-1), E)."""
+    (u_ref, dt_ref, a2_ref, b_ref, bias_ref), (hloc_ref, sdt_ref) = split_refs(
+        refs, (True, True, True, True, opts.has_bias))
+    p = _Program(d, opts.reverse, segments=d.time_splits - 1)
+    fast = cfg.fast_exp2 and not interpret
+    a2 = p.tile(a2_ref)
+    bias = p.vec(bias_ref) if bias_ref is not None else None
+    unroll = cfg.fwd_unroll
+    per_interval = d.interval // unroll
+
+    def load(c):  # the per-channel rows of chunk c: (u, raw delta) per step
+        return [(p.row(u_ref, t, valid), p.row(dt_ref, t, valid))
+                for t, valid in (p.time(c * unroll + j) for j in range(unroll))]
+
+    def chunk(c, carry, rows):
+        h, sum_dt = carry
+        times = [p.time(c * unroll + j) for j in range(unroll)]
+        bvs = [p.state_row(b_ref, t, v) for t, v in times]
+        for (_, valid), (u, dt_raw), bv in zip(times, rows, bvs, strict=True):
+            dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
+            h, _ = _advance(h, dt, u, bv, a2, fast)
+            sum_dt = sum_dt + dt
+        return h, sum_dt
+
+    lo, hi = p.k0 * per_interval, p.k_end * per_interval
+    zeros = (jnp.zeros((d.state_pad, d.block_e), jnp.float32),
+             jnp.zeros((d.block_e,), jnp.float32))
+    (h, sum_dt), _ = _row_loop(lo, hi, load, chunk, zeros,
+                               load(lo) if cfg.prefetch else None, cfg.prefetch)
+    p.put_tile(hloc_ref, h, p.slot)
+    p.put_vec(sdt_ref, sum_dt, p.slot)
+
+
 def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
+    flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias,
+             opts.has_h0 or d.time_splits > 1)
     (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref), outs = split_refs(
-        refs, (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, opts.has_h0))
+        refs, flags)
     y_ref, hlast_ref, ck_ref = outs
     p = _Program(d, opts.reverse)
     fast = cfg.fast_exp2 and not interpret
     a2 = p.tile(a2_ref)  # A * log2(e), (N_pad, block_e)
     dvec = p.vec(d_ref) if d_ref is not None else None
     bias = p.vec(bias_ref) if bias_ref is not None else None
-    h = (p.tile(h0_ref, p.bi) if h0_ref is not None
+    # The state at the segment start: h0's row, or with time splits (b * S, N, E) of them.
+    h = (p.tile(h0_ref, p.slot) if h0_ref is not None
          else jnp.zeros((d.state_pad, d.block_e), jnp.float32))
     unroll = cfg.fwd_unroll
     per_interval = d.interval // unroll
@@ -258,9 +411,25 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         return _row_loop(k * per_interval, (k + 1) * per_interval, load, chunk, h, rows,
                          cfg.prefetch)
 
-    rows = load(0) if cfg.prefetch else None
-    h, _ = jax.lax.fori_loop(0, d.n_intervals, interval, (h, rows))
-    p.put_tile(hlast_ref, h, p.bi)
+    rows = load(p.k0 * per_interval) if cfg.prefetch else None
+    h, _ = jax.lax.fori_loop(p.k0, p.k_end, interval, (h, rows))
+    p.put_tile(hlast_ref, h, p.bi, when=p.is_last)
+
+
+def _segment_starts(opts: Options, args: Normalised, d: _Dims, a2t, h0t):
+    """Time splits: the state at every segment start, (b * S, N, E) float32."""
+    b, s, n, e = d.batch, d.time_splits, d.state, d.channels
+    cfg: TritonConfig = opts.backend_config
+    f32 = jnp.float32
+    ins = [x for x in (args.u, args.delta, a2t, args.B, args.delta_bias) if x is not None]
+    out_shape = (jax.ShapeDtypeStruct((b * (s - 1), n, e), f32),
+                 jax.ShapeDtypeStruct((b * (s - 1), e), f32))
+    h_loc, sum_dt = _call(_fwd_summary_kernel, d, opts, out_shape, s - 1, cfg.fwd_warps,
+                          "selective_scan_fwd_summary")(*ins)
+    start = h0t if h0t is not None else jnp.zeros((b, n, e), f32)
+    starts = _carry_across(a2t, start, h_loc.reshape(b, s - 1, n, e),
+                           sum_dt.reshape(b, s - 1, e))
+    return starts.reshape(b * s, n, e)
 
 
 def forward(opts: Options, args: Normalised):
@@ -271,13 +440,15 @@ def forward(opts: Options, args: Normalised):
     b, length, e = args.u.shape
     a2t = (args.A * LOG2E).T  # (N, E)
     h0t = None if args.h0 is None else jnp.swapaxes(args.h0, 1, 2)  # (b, N, E)
+    if d.time_splits > 1:
+        h0t = _segment_starts(opts, args, d, a2t, h0t)
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
                        args.delta_bias, h0t) if x is not None]
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((b, length, e), args.u.dtype),
                  jax.ShapeDtypeStruct((b, d.state, e), f32),
                  jax.ShapeDtypeStruct((b, d.n_intervals, d.state, e), f32))
-    y, hlast_t, ck = _call(_fwd_kernel, d, opts, out_shape, cfg.fwd_warps,
+    y, hlast_t, ck = _call(_fwd_kernel, d, opts, out_shape, d.time_splits, cfg.fwd_warps,
                            "selective_scan_fwd")(*ins)
     return y, jnp.swapaxes(hlast_t, 1, 2), ck
 
@@ -286,9 +457,53 @@ def forward(opts: Options, args: Normalised):
 # Backward.
 
 
+def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
+    """Time splits: walks each segment but the first back from a zero adjoint; writes the
+    adjoint at its start (b * (S-1), N, E) and its summed step size (b * (S-1), E). It holds one
+    tile like the forward, so it walks in the forward's chunks."""
+    (dt_ref, a2_ref, c_ref, z_ref, bias_ref, dy_ref), (gloc_ref, sdt_ref) = split_refs(
+        refs, (True, True, True, opts.has_z, opts.has_bias, True))
+    p = _Program(d, opts.reverse, segments=d.time_splits - 1, first_segment=1)
+    fast = cfg.fast_exp2 and not interpret
+    a2 = p.tile(a2_ref)
+    bias = p.vec(bias_ref) if bias_ref is not None else None
+    unroll = cfg.fwd_unroll
+    per_interval = d.interval // unroll
+    last = p.k_end * per_interval - 1  # the segment's last chunk, walked first
+
+    def steps(i):  # (time, valid) of each step of the i-th chunk back from the segment end
+        return [p.time((last - i) * unroll + j) for j in range(unroll)]
+
+    def load(i):  # its per-channel rows: (raw delta, dy, z) per step
+        return [(p.row(dt_ref, t, valid), p.row(dy_ref, t, valid),
+                 p.row(z_ref, t, valid) if z_ref is not None else None)
+                for t, valid in steps(i)]
+
+    def chunk(i, carry, rows):
+        g_next, sum_dt = carry
+        times = steps(i)
+        cvs = [p.state_row(c_ref, t, v) for t, v in times]
+        for j in reversed(range(unroll)):
+            (_, valid), (dt_raw, dy, z), cv = times[j], rows[j], cvs[j]
+            dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
+            if z is not None:
+                dy = dy * z * sigmoid(z)  # the gate's share of dy, as in the backward kernel
+            g = g_next + cv[:, None] * dy[None, :]
+            g_next = _exp2(dt[None, :] * a2, fast) * g
+            sum_dt = sum_dt + dt
+        return g_next, sum_dt
+
+    zeros = (jnp.zeros((d.state_pad, d.block_e), jnp.float32),
+             jnp.zeros((d.block_e,), jnp.float32))
+    (g, sum_dt), _ = _row_loop(0, d.seg_intervals * per_interval, load, chunk, zeros,
+                               load(0) if cfg.prefetch else None, cfg.prefetch)
+    p.put_tile(gloc_ref, g, p.slot)
+    p.put_vec(sdt_ref, sum_dt, p.slot)
+
+
 def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, True, True,
-             opts.has_dh_last)
+             opts.has_dh_last or d.time_splits > 1)
     (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, ck_ref, dy_ref, dhl_ref), outs = (
         split_refs(refs, flags))
     oflags = (True, True, opts.has_z, True, True, True, opts.has_D, opts.has_bias, True,
@@ -304,7 +519,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     dvec = p.vec(d_ref) if d_ref is not None else None
     bias = p.vec(bias_ref) if bias_ref is not None else None
     local_blk = p.blk % d.blocks_per_group
-    slot = p.bi * (d.groups * d.blocks_per_group) + p.blk  # this program's scratch slot
+    slot = p.slot * (d.groups * d.blocks_per_group) + p.blk  # this program's scratch slot
     zeros_tile = jnp.zeros((d.state_pad, d.block_e), jnp.float32)
     zeros_row = jnp.zeros((d.block_e,), jnp.float32)
     barrier = (lambda: None) if interpret else plgpu.debug_barrier
@@ -379,7 +594,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
 
     def interval(kr, carry):
         acc, rows = carry  # rows: the prefetched rows of the next sub-chunk to walk back
-        k = d.n_intervals - 1 - kr
+        k = p.k_end - 1 - kr
         if n_sub > 1:
             load_fwd = lambda j: load(k * n_sub + j, with_grads=False)  # noqa: E731
             _row_loop(0, n_sub, load_fwd, functools.partial(sub_forward, k=k),
@@ -401,16 +616,35 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
             barrier()  # before the next interval overwrites the scratch
         return acc, rows
 
-    g0 = p.tile(dhl_ref, p.bi) if dhl_ref is not None else zeros_tile
-    first_rows = load(d.n_intervals * n_sub - 1) if cfg.prefetch else None
+    # The adjoint at the segment end: dh_last's row, or with time splits (b * S, N, E) of them.
+    g0 = p.tile(dhl_ref, p.slot) if dhl_ref is not None else zeros_tile
+    first_rows = load(p.k_end * n_sub - 1) if cfg.prefetch else None  # the segment's last
     (g, da, dd, dbias), _ = jax.lax.fori_loop(
-        0, d.n_intervals, interval, ((g0, zeros_tile, zeros_row, zeros_row), first_rows))
-    p.put_tile(dh0_ref, g, p.bi)
-    p.put_tile(da_ref, da, p.bi)
+        0, d.seg_intervals, interval, ((g0, zeros_tile, zeros_row, zeros_row), first_rows))
+    p.put_tile(dh0_ref, g, p.bi, when=p.is_first)
+    # Accumulators: one slot per (batch row, segment), summed in JAX.
+    p.put_tile(da_ref, da, p.slot)
     if dd_ref is not None:
-        p.put_vec(dd_ref, dd, p.bi)
+        p.put_vec(dd_ref, dd, p.slot)
     if dbias_ref is not None:
-        p.put_vec(dbias_ref, dbias, p.bi)
+        p.put_vec(dbias_ref, dbias, p.slot)
+
+
+def _segment_end_adjoints(opts: Options, args: Normalised, d: _Dims, a2t, dy, dhl_t):
+    """Time splits: the adjoint entering every segment from its end, (b * S, N, E) float32."""
+    b, s, n, e = d.batch, d.time_splits, d.state, d.channels
+    cfg: TritonConfig = opts.backend_config
+    f32 = jnp.float32
+    ins = [x for x in (args.delta, a2t, args.C, args.z, args.delta_bias, dy) if x is not None]
+    out_shape = (jax.ShapeDtypeStruct((b * (s - 1), n, e), f32),
+                 jax.ShapeDtypeStruct((b * (s - 1), e), f32))
+    g_loc, sum_dt = _call(_bwd_summary_kernel, d, opts, out_shape, s - 1, cfg.bwd_warps,
+                          "selective_scan_bwd_summary")(*ins)
+    end = dhl_t if dhl_t is not None else jnp.zeros((b, n, e), f32)
+    # Segments 1..S-1 summarised; the adjoint is carried from the last segment to the first.
+    ends = _carry_across(a2t, end, g_loc.reshape(b, s - 1, n, e)[:, ::-1],
+                         sum_dt.reshape(b, s - 1, e)[:, ::-1])[:, ::-1]
+    return ends.reshape(b * s, n, e)
 
 
 def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
@@ -419,9 +653,12 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     d = _dims(args, cfg.bwd_block_e, cfg)
     b, length, e = args.u.shape
     n, g = d.state, d.groups
+    slots = b * d.time_splits  # (batch row, segment) pairs
     n_blocks = g * d.blocks_per_group
     a2t = (args.A * LOG2E).T
     dhl_t = None if dh_last is None else jnp.swapaxes(dh_last.astype(jnp.float32), 1, 2)
+    if d.time_splits > 1:
+        dhl_t = _segment_end_adjoints(opts, args, d, a2t, dy, dhl_t)
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
                        args.delta_bias, ck, dy, dhl_t) if x is not None]
     f32 = jnp.float32
@@ -431,15 +668,15 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     if args.z is not None:
         out_shape.append(sds((b, length, e), args.z.dtype))
     out_shape += [sds((b, length, g, d.blocks_per_group, n), f32)] * 2
-    out_shape.append(sds((b, n, e), f32))
+    out_shape.append(sds((slots, n, e), f32))
     if args.D is not None:
-        out_shape.append(sds((b, e), f32))
+        out_shape.append(sds((slots, e), f32))
     if args.delta_bias is not None:
-        out_shape.append(sds((b, e), f32))
+        out_shape.append(sds((slots, e), f32))
     out_shape.append(sds((b, n, e), f32))
-    out_shape.append(sds((b * n_blocks if n_sub > 1 else 1, n_sub, d.state_pad, d.block_e),
+    out_shape.append(sds((slots * n_blocks if n_sub > 1 else 1, n_sub, d.state_pad, d.block_e),
                          f32))
-    outs = list(_call(_bwd_kernel, d, opts, tuple(out_shape), cfg.bwd_warps,
+    outs = list(_call(_bwd_kernel, d, opts, tuple(out_shape), d.time_splits, cfg.bwd_warps,
                       "selective_scan_bwd")(*ins))
     du, ddelta = outs.pop(0), outs.pop(0)
     dz = outs.pop(0) if args.z is not None else None
@@ -457,12 +694,12 @@ def unsupported_reason(batch: int, length: int, channels: int, state: int,
     """None when the compiled Triton kernels handle this shape, else why not."""
     if state > MAX_STATE:
         return f"state size N={state} is above {MAX_STATE} (the state tile would spill)"
-    blocks = groups * pl.cdiv(channels // groups, min(TritonConfig().block_e,
-                                                      TritonConfig().bwd_block_e))
-    if batch > GRID_Y_MAX and blocks > GRID_Y_MAX:
-        return (f"batch={batch} and {blocks} channel blocks both exceed the CUDA grid's y "
-                f"limit {GRID_Y_MAX}")
-    del length
+    cfg = default_config()
+    blocks = groups * pl.cdiv(channels // groups, min(cfg.block_e, cfg.bwd_block_e))
+    rows = batch * _time_splits(cfg, batch, length, blocks)  # the grid's batch axis
+    if rows > GRID_Y_MAX and blocks > GRID_Y_MAX:
+        return (f"batch={batch} (x time splits: {rows}) and {blocks} channel blocks both "
+                f"exceed the CUDA grid's y limit {GRID_Y_MAX}")
     return None
 
 

@@ -18,7 +18,7 @@ import pytest
 
 import kernels_pallas
 from kernels_pallas.mosaic_scan import MosaicConfig
-from kernels_pallas.triton_scan import TritonConfig
+from kernels_pallas.triton_scan import TritonConfig, auto_time_splits
 from mmx_jax.ssm import selective_scan, selective_scan_sequential
 
 
@@ -37,6 +37,13 @@ SMALL_CONFIGS = {
     "triton": TritonConfig(block_e=16, bwd_block_e=16, fwd_unroll=2, bwd_unroll=2,
                            bwd_sub_chunks=2),
     "mosaic": MosaicConfig(block_t=8),
+}
+# The time axis split across programs: 2 segments, and 3 (not a power of two). With these
+# configs the CASES lengths leave the last segment partly padding, and wholly padding for
+# "grouped" at 3 (L=7 in 3 segments of 4 steps).
+TIME_SPLIT_CONFIGS = {
+    "triton_split2": SMALL_CONFIGS["triton"]._replace(time_splits=2),
+    "triton_split3": SMALL_CONFIGS["triton"]._replace(time_splits=3),
 }
 
 # name, (batch, L, E, N, G), dtype, options
@@ -199,10 +206,11 @@ def check_case(rng, backend, shape, dtype, opts, config=None, interpret=None):
 # Interpret mode on CPU (runs in CI).
 
 
-@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+@pytest.mark.parametrize("backend", ["triton", "mosaic", *TIME_SPLIT_CONFIGS])
 @pytest.mark.parametrize("name,shape,dtype,opts", CASES, ids=[c[0] for c in CASES])
 def test_interpret_matches_references(rng, backend, name, shape, dtype, opts):
-    check_case(rng, backend, shape, dtype, opts, config=SMALL_CONFIGS[backend], interpret=True)
+    config = {**SMALL_CONFIGS, **TIME_SPLIT_CONFIGS}[backend]
+    check_case(rng, backend.split("_")[0], shape, dtype, opts, config=config, interpret=True)
 
 
 @pytest.mark.parametrize("backend", ["triton", "mosaic"])
@@ -231,6 +239,26 @@ def test_dispatcher_pallas_on_cpu(rng):
     assert rel_err(y, ref) < 2e-5
     from mmx_jax.ssm import resolve_impl  # noqa: PLC0415
     assert resolve_impl("auto") == "associative"
+
+
+def test_auto_time_splits():
+    """time_splits=0: the smallest power of two reaching 2048 programs, at most 16, with every
+    segment at least two checkpoint intervals long."""
+    assert auto_time_splits(8 * 48, 2048, 64) == 8  # the benchmark shapes, 32-channel blocks
+    assert auto_time_splits(128 * 6, 3136, 64) == 4
+    assert auto_time_splits(256 * 4, 96, 32) == 1  # 2 segments of 48 steps: too short
+    assert auto_time_splits(2048, 10**6, 64) == 1  # enough programs already
+    assert auto_time_splits(1, 10**6, 64) == 16
+    assert auto_time_splits(1, 511, 64) == 2  # 4 segments need 4 x 128 steps
+    assert auto_time_splits(1, 512, 64) == 4
+    assert auto_time_splits(1000, 10**6, 64) == 4  # 1000 x 2 falls just short of 2048
+
+
+def test_time_splits_config_is_checked(rng):
+    args, kw = make_case(rng, (2, 5, 8, 4, 1), "float32", {})
+    with pytest.raises(ValueError, match="time_splits"):
+        kernels_pallas.selective_scan(**args, backend="triton", interpret=True,
+                                      config=TritonConfig(time_splits=-1))
 
 
 def test_unsupported_reason():
@@ -299,6 +327,28 @@ def test_triton_grid_puts_a_large_batch_on_x(batch, grid):
     assert len(grids) == 2 and all(tuple(map(int, g)) == grid for g in grids), grids
 
 
+def test_triton_auto_time_splits_shape_the_grid():
+    """time_splits=0 at the first benchmark shape: 8 segments, so the main kernels' batch axis
+    holds 8 x 8 (row, segment) pairs and the summaries' 8 x 7."""
+    import re  # noqa: PLC0415
+
+    sds = jax.ShapeDtypeStruct
+    b, length, e, n = 8, 2048, 1536, 16
+
+    def loss(u, delta, A, B, C):
+        return kernels_pallas.selective_scan(u, delta, A, B, C, backend="triton",
+                                             interpret=False,
+                                             config=TritonConfig(time_splits=0)).sum()
+
+    xs = (sds((b, length, e), jnp.float32), sds((b, length, e), jnp.float32),
+          sds((e, n), jnp.float32), sds((b, length, 1, n), jnp.float32),
+          sds((b, length, 1, n), jnp.float32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*xs).lower(
+        lowering_platforms=("cuda",)).as_text()
+    grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+)", text)
+    assert sorted(tuple(map(int, g)) for g in grids) == [(48, 56)] * 2 + [(48, 64)] * 2, grids
+
+
 def test_triton_modules_verify(rng, monkeypatch):
     """The Triton IR that the GPU would parse passes MLIR verification (ill-typed ops built by
     the lowering otherwise surface only on the GPU). Uses a private JAX hook: skips without."""
@@ -315,7 +365,11 @@ def test_triton_modules_verify(rng, monkeypatch):
         return result
 
     monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
-    for config in (TritonConfig(), SMALL_CONFIGS["triton"], TritonConfig(prefetch=False)):
+    # Time splits add the two summary kernels and make the main kernels' loops segment-aware.
+    configs = (TritonConfig(), SMALL_CONFIGS["triton"], TritonConfig(prefetch=False),
+               TritonConfig(time_splits=2), TIME_SPLIT_CONFIGS["triton_split3"],
+               TritonConfig(time_splits=2, prefetch=False, batch_major=True))
+    for config in configs:
         args, kw = make_case(rng, (2, 37, 48, 5, 2), "bfloat16",
                              dict(D=True, z=True, bias=True, softplus=True, reverse=True,
                                   h0=True, final=True))
@@ -332,7 +386,11 @@ def test_triton_modules_verify(rng, monkeypatch):
         xs = [given[k] for k in names]
         jax.jit(jax.grad(loss, argnums=tuple(range(len(xs))))).trace(*xs).lower(
             lowering_platforms=("cuda",))
-    assert len(modules) == 6
+    names = [str(module.operation.attributes["sym_name"]).strip('"') for module in modules]
+    whole, split = ["selective_scan_fwd", "selective_scan_bwd"], [
+        "selective_scan_fwd_summary", "selective_scan_fwd", "selective_scan_bwd_summary",
+        "selective_scan_bwd"]
+    assert names == whole * 3 + split * 3, names
     for module in modules:
         with module.context:
             assert module.operation.verify()
@@ -358,11 +416,13 @@ def test_gpu_matches_references(rng, name, shape, dtype, opts, config):
 @on_gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_larger_shape(rng, dtype, reverse):
-    """Many checkpoint intervals, several channel blocks and groups, a ragged length."""
+@pytest.mark.parametrize("time_splits", [1, 4])
+def test_gpu_larger_shape(rng, dtype, reverse, time_splits):
+    """Many checkpoint intervals, several channel blocks and groups, a ragged length; with 4
+    time segments too (333 steps: 4 x 88, the last one partly padding)."""
     check_case(rng, "triton", (3, 333, 200, 16, 2), dtype,
                dict(D=True, z=True, bias=True, softplus=True, reverse=reverse, h0=True,
-                    final=True), interpret=False)
+                    final=True), config=TritonConfig(time_splits=time_splits), interpret=False)
 
 
 @pytest.mark.gpu
