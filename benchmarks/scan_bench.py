@@ -5,6 +5,8 @@
     PYTHONPATH=. python benchmarks/scan_bench.py --skip-sequential 0,1 --dtypes float32
     PYTHONPATH=. python benchmarks/scan_bench.py --impls pallas \\
         --triton-config block_e=32,fwd_unroll=8 --triton-config block_e=64,fwd_warps=2
+    PYTHONPATH=. python benchmarks/scan_bench.py --impls pallas \\
+        --triton-config time_splits=1 --triton-config time_splits=4   # 0: auto
 
 Each row: forward, backward alone (the vjp of saved residuals) and forward+backward (one jitted
 vjp), in microseconds, the median of many device-synchronised runs after a warm-up. Inputs use
