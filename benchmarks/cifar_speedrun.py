@@ -39,8 +39,8 @@ def main():
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--set", action="append", default=[], help="key=value overrides")
     parser.add_argument("--flip-tta", action="store_true",
-                        help="also evaluate with mirror test-time augmentation (eval.py "
-                             "--flip_tta; a second evaluation, reported as test_top1_flip)")
+                        help="evaluate with mirror test-time augmentation (config "
+                             "eval.flip_tta: the run's own test pass and eval.py's)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps (CPU)")
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -60,6 +60,7 @@ def main():
     config = load_config_file(f"{REPO / 'configs' / args.family}.py:{arg},dataset=folder:{root}")
     config.data.cache_dir = args.cache_dir
     config.train.time_limit_s = args.time_limit
+    config.eval.flip_tta = args.flip_tta
     if not args.smoke:
         config.train.eval_every_steps = config.train.checkpoint_every_steps = 10**9
     apply_overrides(config, args.set)
@@ -72,27 +73,26 @@ def main():
     subprocess.run([sys.executable, str(REPO / "eval.py"), f"--workdir={args.workdir}"],
                    check=True)
     timings["eval_s"] = time.time() - start
-    report = json.loads((pathlib.Path(args.workdir) / "eval" / "best" / "metrics.json")
-                        .read_text())
-    flipped = {}
-    if args.flip_tta:
-        start = time.time()
-        subprocess.run([sys.executable, str(REPO / "eval.py"), f"--workdir={args.workdir}",
-                        "--flip_tta"], check=True)
-        timings["eval_flip_s"] = time.time() - start
-        metrics = json.loads((pathlib.Path(args.workdir) / "eval" / "best_flip" /
-                              "metrics.json").read_text())
-        flipped = {"test_top1_flip": metrics["test_top1"], "test_top5_flip": metrics["test_top5"]}
+    flip = bool(config.eval.flip_tta)
+    report = json.loads((pathlib.Path(args.workdir) / "eval" / ("best_flip" if flip else "best")
+                         / "metrics.json").read_text())
     rows = [json.loads(line) for line in
             (pathlib.Path(args.workdir) / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
+    # The loop logs its mean rate since the start (compilation included): the steady rate is
+    # that of the second half of the logged steps.
+    logged = [(r["step"], r["step"] / r["steps_per_sec"]) for r in rows
+              if r.get("steps_per_sec")]
+    steady = None
+    if len(logged) >= 4:
+        (s0, t0), (s1, t1) = logged[len(logged) // 2], logged[-1]
+        steady = (s1 - s0) / (t1 - t0) * config.data.batch_size
     steps = results["steps"]
     summary = {
         "family": args.family, "test_top1": report["test_top1"],
-        "test_top5": report["test_top5"], **flipped, "steps": steps,
+        "test_top5": report["test_top5"], "flip_tta": flip, "steps": steps,
         "epochs_done": steps / (49000 // config.data.batch_size),
         "train_images_per_s_incl_compile": steps * config.data.batch_size / timings["train_s"],
-        "train_images_per_s_last": (rates[-1] * config.data.batch_size) if rates else None,
+        "train_images_per_s_steady": steady,
         **timings, "total_s": sum(timings.values()), "train_results": results,
     }
     (pathlib.Path(args.workdir) / "speedrun.json").write_text(json.dumps(summary, indent=2))
