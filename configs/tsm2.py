@@ -47,8 +47,10 @@ PAPER_HPARAMS: dict[tuple[str, int], dict] = {
     ("etth2", 336): _D16_L1_LR1E4, ("etth2", 720): _D16_L1_LR1E4,
     ("exchange_rate", 96): _D32, ("exchange_rate", 192): _D64,
     ("exchange_rate", 336): _D32, ("exchange_rate", 720): _D64,
-    **{("ettm1", h): _D32 for h in (96, 192, 336, 720)},
-    **{("ettm2", h): _D32 for h in (96, 192, 336, 720)},
+    ("ettm1", 96): _D16_L1_N4, ("ettm1", 192): _D32,
+    ("ettm1", 336): _D16_L1_LR1E4, ("ettm1", 720): _D16_L1_LR1E4,
+    ("ettm2", 96): _D16_L1_LR1E4, ("ettm2", 192): _D16_L1_LR1E4,
+    ("ettm2", 336): _D16_L1_LR1E4, ("ettm2", 720): _D32_L1_LR1E4,
     # weather 96: its final runs stopped one validation after the best (all peaked after the
     # first epoch), which gives the same best checkpoint as patience 3.
     ("weather", 96): dict(_D64, patience=1),
