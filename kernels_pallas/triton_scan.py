@@ -96,8 +96,8 @@ class TritonConfig(NamedTuple):
     # run side by side.
     batch_major: bool | None = None
     # Segments of the time axis scanned by separate programs (module docstring); 1: one
-    # program walks the whole sequence, 0: `auto_time_splits` picks.
-    time_splits: int = 1
+    # program walks the whole sequence; 0 (the default): `auto_time_splits` picks.
+    time_splits: int = 0
 
 
 def auto_time_splits(programs: int, length: int, interval: int) -> int:

@@ -35,7 +35,7 @@ def enable_x64():
 # partial channel blocks, a partial last checkpoint interval, several sub-chunks.
 SMALL_CONFIGS = {
     "triton": TritonConfig(block_e=16, bwd_block_e=16, fwd_unroll=2, bwd_unroll=2,
-                           bwd_sub_chunks=2),
+                           bwd_sub_chunks=2, time_splits=1),
     "mosaic": MosaicConfig(block_t=8),
 }
 # The time axis split across programs: 2 segments, and 3 (not a power of two). With these
@@ -366,7 +366,8 @@ def test_triton_modules_verify(rng, monkeypatch):
 
     monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
     # Time splits add the two summary kernels and make the main kernels' loops segment-aware.
-    configs = (TritonConfig(), SMALL_CONFIGS["triton"], TritonConfig(prefetch=False),
+    configs = (TritonConfig(time_splits=1), SMALL_CONFIGS["triton"],
+               TritonConfig(prefetch=False, time_splits=1),
                TritonConfig(time_splits=2), TIME_SPLIT_CONFIGS["triton_split3"],
                TritonConfig(time_splits=2, prefetch=False, batch_major=True))
     for config in configs:
