@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         b1=0.9,
         b2=0.999,
         schedule="cosine",  # cosine | tslib (x0.5 every epoch) | constant
+        schedule_clock="steps",  # or "time": ends the schedule at train.time_limit_s
         warmup_steps=100,
         min_lr_ratio=0.01,
         grad_clip=1.0,

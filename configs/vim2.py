@@ -91,6 +91,7 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         b1=0.9,
         b2=0.999,
         schedule="cosine",
+        schedule_clock="steps",  # or "time": ends the schedule at train.time_limit_s
         warmup_steps=0,  # set from warmup_epochs below
         min_lr_ratio=0.01,
         grad_clip=5.0,

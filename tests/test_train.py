@@ -237,3 +237,25 @@ def test_ema_of_the_weights_follows_its_formula(tmp_path):
     ema_model, raw_model = run.model(state), run.model(state, use_ema=False)
     assert not np.allclose(ema_model.head.kernel[...], raw_model.head.kernel[...])
     np.testing.assert_allclose(ema_model.head.kernel[...], state["ema"]["head"]["kernel"][...])
+
+
+def test_time_clocked_schedule_ends_at_the_time_limit(tmp_path, monkeypatch):
+    """optimizer.schedule_clock="time": the schedule's position runs ahead of the steps so that
+    it reaches the schedule's end as train.time_limit_s runs out (the loop's clock is faked:
+    one second per reading, a few readings per step)."""
+    import types
+
+    from mmx_jax.train import loop
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: float(next(ticks))))
+    config = small_config(num_epochs=50, steps_per_epoch=4, eval_every_steps=10**6,
+                          checkpoint_every_steps=10**6, time_limit_s=60.0)
+    config.optimizer.schedule_clock = "time"
+    results = train_and_evaluate(config, tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if "schedule_step" in r]
+    total = 50 * 4
+    assert 5 < results["steps"] < total / 4  # stopped by the time limit
+    assert all(r["step"] - 1 <= r["schedule_step"] <= total for r in rows)
+    assert rows[-1]["schedule_step"] > 0.8 * total  # near the schedule's end at the limit
+    assert rows[0]["schedule_step"] == 0  # the first step (compilation) is not counted

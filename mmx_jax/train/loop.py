@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from mmx_jax.train.checkpoint import Checkpoints, abstract_with_shardings
-from mmx_jax.train.optim import make_optimizer
+from mmx_jax.train.optim import make_optimizer, schedule_position
 from mmx_jax.train.sharding import (
     batch_sharding,
     build_mesh,
@@ -122,14 +122,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, tas
 
 
 def make_train_step(run: Run):
+    """The jitted step, ``step(state, batch, schedule_step=None) -> (state, metrics)``.
+    `schedule_step`, the learning-rate schedule's position (`optim.schedule_position`), is
+    required with optimizer.schedule_clock="time" and unused otherwise."""
     task, graphdefs = run.task, run.graphdefs
     ema_decay = run.config.optimizer.ema_decay
+    clocked = run.config.optimizer.get("schedule_clock", "steps") == "time"
 
-    def train_step(state, batch):
+    def train_step(state, batch, schedule_step):
         model = nnx.merge(graphdefs["model"], state["model"])
         optimizer = nnx.merge(graphdefs["opt"], state["opt"])
         loss, grads = nnx.value_and_grad(lambda m: task.loss(m, batch))(model)
-        optimizer.update(model, grads)
+        optimizer.update(model, grads, **({"schedule_step": schedule_step} if clocked else {}))
         new_state = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
         if "ema" in state:
             new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
@@ -138,8 +142,15 @@ def make_train_step(run: Run):
 
     data_sharding = batch_sharding(run.mesh)
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(train_step, in_shardings=(run.shardings, data_sharding),
-                   out_shardings=(run.shardings, replicated), donate_argnums=0)
+    jitted = jax.jit(train_step, in_shardings=(run.shardings, data_sharding, replicated),
+                     out_shardings=(run.shardings, replicated), donate_argnums=0)
+
+    def step(state, batch, schedule_step=None):
+        if clocked and schedule_step is None:
+            raise ValueError('optimizer.schedule_clock="time": the step needs schedule_step')
+        return jitted(state, batch, np.float32(schedule_step or 0.0))
+
+    return step
 
 
 def make_eval_step(run: Run):
@@ -260,12 +271,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     bar = progress_bar(run.total_steps, step, f"train {config.task}")
     started, started_step = time.time(), step
+    # A time-clocked schedule ends at the time limit: its budget is what is left of the limit
+    # once the first step (and its compilation) is done.
+    clocked = config.optimizer.get("schedule_clock", "steps") == "time"
+    first_done = None
     with _StopSignal() as stop:
         try:
             batches = run.task.train_batches(step, spe)
             while step < run.total_steps and not meta["finished"]:
                 batch = place_batch(run, next(batches), run.task.train_batch_size)
-                state, metrics = train_step(state, batch)
+                position = step
+                if clocked and first_done is not None and tcfg.get("time_limit_s"):
+                    position = schedule_position(
+                        step, run.total_steps, time.time() - first_done,
+                        started + tcfg.time_limit_s - first_done)
+                state, metrics = train_step(state, batch, position)
+                first_done = first_done or time.time()
                 step += 1
                 pending.append((step, metrics))
                 bar.update(1)
@@ -273,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     means = check_finite()
                     rate = (step - started_step) / max(time.time() - started, 1e-9)
                     writer.write(step, {"train_loss": means["loss"],
-                                        "grad_norm": means["grad_norm"], "steps_per_sec": rate})
+                                        "grad_norm": means["grad_norm"], "steps_per_sec": rate,
+                                        **({"schedule_step": position} if clocked else {})})
                     bar.set_postfix(loss=f"{means['loss']:.4f}")
                 if step % eval_every == 0 or step == run.total_steps:
                     check_finite()

@@ -1,8 +1,20 @@
-"""Optimizer and learning-rate schedules: AdamW with warm-up + cosine, or TSLib's step decay."""
+"""Optimizer and learning-rate schedules: AdamW with warm-up + cosine, or TSLib's step decay.
+
+`optimizer.schedule_clock` says what moves the schedule along:
+  "steps"  (default) the optimizer's own update count;
+  "time"   a position passed to every update (`schedule_step=`), which the training loop runs
+           ahead of the step count when `train.time_limit_s` would otherwise cut the schedule
+           short (`schedule_position`): a time-boxed run always ends its decay at the limit,
+           whatever the speed of the machine.
+"""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
+
+SCHEDULE_CLOCKS = ("steps", "time")
 
 
 def learning_rate_schedule(*, lr: float, schedule: str, total_steps: int, steps_per_epoch: int,
@@ -25,14 +37,43 @@ def learning_rate_schedule(*, lr: float, schedule: str, total_steps: int, steps_
     raise ValueError(f"optimizer.schedule={schedule!r} is not 'cosine', 'tslib' or 'constant'")
 
 
+def scale_by_schedule_at(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """Multiplies the updates by -schedule(schedule_step), with `schedule_step` (a float) given
+    to every update call rather than counted in the optimizer state."""
+
+    def update_fn(updates, state, params=None, *, schedule_step, **extra_args):
+        del params, extra_args
+        lr = schedule(jnp.asarray(schedule_step, jnp.float32))
+        return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def schedule_position(step: int, total_steps: int, elapsed_s: float, budget_s: float) -> float:
+    """Where a time-clocked schedule stands: the larger of the steps done and of the share of
+    the time budget spent, in steps (at most `total_steps`). `budget_s` <= 0: steps only."""
+    if budget_s <= 0:
+        return float(step)
+    return float(min(max(step, total_steps * elapsed_s / budget_s), total_steps))
+
+
 def make_optimizer(config, *, total_steps: int,
                    steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW with gradient clipping from `config.optimizer` (see configs/)."""
+    """AdamW with gradient clipping from `config.optimizer` (see configs/). With
+    `schedule_clock="time"` every update needs `schedule_step=` (module docstring)."""
     schedule = learning_rate_schedule(
         lr=config.lr, schedule=config.schedule, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, warmup_steps=config.warmup_steps,
         min_lr_ratio=config.min_lr_ratio)
+    clock = config.get("schedule_clock", "steps")
+    if clock not in SCHEDULE_CLOCKS:
+        raise ValueError(f"optimizer.schedule_clock={clock!r} is not one of {SCHEDULE_CLOCKS}")
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                             weight_decay=config.weight_decay))
+    if clock == "steps":
+        parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
+                                 weight_decay=config.weight_decay))
+    else:  # optax.adamw's chain with the learning rate taken at the given position
+        parts += [optax.scale_by_adam(b1=config.b1, b2=config.b2),
+                  optax.add_decayed_weights(config.weight_decay),
+                  scale_by_schedule_at(schedule)]
     return optax.chain(*parts)
