@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from mmx_jax.train.checkpoint import Checkpoints, abstract_with_shardings
-from mmx_jax.train.optim import make_optimizer, schedule_position
+from mmx_jax.train.optim import make_optimizer, schedule_position, time_clocked
 from mmx_jax.train.sharding import (
     batch_sharding,
     build_mesh,
@@ -127,7 +127,7 @@ def make_train_step(run: Run):
     required with optimizer.schedule_clock="time" and unused otherwise."""
     task, graphdefs = run.task, run.graphdefs
     ema_decay = run.config.optimizer.ema_decay
-    clocked = run.config.optimizer.get("schedule_clock", "steps") == "time"
+    clocked = time_clocked(run.config.optimizer)
 
     def train_step(state, batch, schedule_step):
         model = nnx.merge(graphdefs["model"], state["model"])
@@ -273,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     started, started_step = time.time(), step
     # A time-clocked schedule ends at the time limit: its budget is what is left of the limit
     # once the first step (and its compilation) is done.
-    clocked = config.optimizer.get("schedule_clock", "steps") == "time"
+    clocked = time_clocked(config.optimizer)
     first_done = None
     with _StopSignal() as stop:
         try:

@@ -49,6 +49,14 @@ def scale_by_schedule_at(schedule: optax.Schedule) -> optax.GradientTransformati
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
+def time_clocked(config) -> bool:
+    """Whether `config.optimizer` runs its schedule on the clock (module docstring)."""
+    clock = config.get("schedule_clock", "steps")
+    if clock not in SCHEDULE_CLOCKS:
+        raise ValueError(f"optimizer.schedule_clock={clock!r} is not one of {SCHEDULE_CLOCKS}")
+    return clock == "time"
+
+
 def schedule_position(step: int, total_steps: int, elapsed_s: float, budget_s: float) -> float:
     """Where a time-clocked schedule stands: the larger of the steps done and of the share of
     the time budget spent, in steps (at most `total_steps`). `budget_s` <= 0: steps only."""
@@ -65,11 +73,8 @@ def make_optimizer(config, *, total_steps: int,
         lr=config.lr, schedule=config.schedule, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, warmup_steps=config.warmup_steps,
         min_lr_ratio=config.min_lr_ratio)
-    clock = config.get("schedule_clock", "steps")
-    if clock not in SCHEDULE_CLOCKS:
-        raise ValueError(f"optimizer.schedule_clock={clock!r} is not one of {SCHEDULE_CLOCKS}")
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
-    if clock == "steps":
+    if not time_clocked(config):
         parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
                                  weight_decay=config.weight_decay))
     else:  # optax.adamw's chain with the learning rate taken at the given position
