@@ -50,6 +50,7 @@ def main():
 
     from mmx_jax.data.images import FolderSource, decode_to_arrays, extract_archive
     from mmx_jax.train.config_args import apply_overrides, load_config_file
+    from mmx_jax.train.evaluate import eval_dir
     from mmx_jax.train.loop import train_and_evaluate
 
     timings = {}
@@ -77,9 +78,7 @@ def main():
     subprocess.run([sys.executable, str(REPO / "eval.py"), f"--workdir={args.workdir}"],
                    check=True)
     timings["eval_s"] = time.time() - start
-    flip = bool(config.eval.flip_tta)
-    report = json.loads((pathlib.Path(args.workdir) / "eval" / ("best_flip" if flip else "best")
-                         / "metrics.json").read_text())
+    report = json.loads((eval_dir(args.workdir, "best", config) / "metrics.json").read_text())
     rows = [json.loads(line) for line in
             (pathlib.Path(args.workdir) / "metrics.jsonl").read_text().splitlines()]
     # The loop logs its mean rate since the start (compilation included): the steady rate is
@@ -93,7 +92,7 @@ def main():
     steps = results["steps"]
     summary = {
         "family": args.family, "test_top1": report["test_top1"],
-        "test_top5": report["test_top5"], "flip_tta": flip, "steps": steps,
+        "test_top5": report["test_top5"], "flip_tta": bool(config.eval.flip_tta), "steps": steps,
         "epochs_done": steps / (49000 // config.data.batch_size),
         "train_images_per_s_incl_compile": steps * config.data.batch_size / timings["train_s"],
         "train_images_per_s_steady": steady,
