@@ -154,6 +154,33 @@ def test_viqs_in_bfloat16_with_the_small_image_stem(rng):
     assert all(f.dtype == jnp.bfloat16 for f in feats)
 
 
+@pytest.mark.parametrize("stride,sizes", [(2, [(16, 16), (8, 8), (4, 4), (2, 2)]),
+                                          (4, [(8, 8), (4, 4), (2, 2), (1, 1)])])
+def test_conv_stem_keeps_the_stage_strides(rng, stride, sizes):
+    """The overlapping 3x3 conv stem: same stage shapes as the patch stem of that stride, two
+    convolutions (to C/2, then C), and every output pixel of the first stage depends on a
+    window wider than its stride (the patch stem's depends on its own s x s patch only)."""
+    args = {**TINY, "stem_stride": stride}
+    conv = ViM2(**args, stem="conv", rngs=nnx.Rngs(0))
+    patch = ViM2(**args, stem="patch", rngs=nnx.Rngs(0))
+    assert [c.kernel.shape for c in conv.stem.convs] == [(3, 3, 3, 4), (3, 3, 4, 8)]
+    x = normal(rng, 1, 32, 32, 3)
+    for model in (conv, patch):
+        assert [f.shape[1:3] for f in model.features(x)] == sizes
+
+    def receptive_field(model):
+        grad = jax.grad(lambda v: model.stem(v)[0, 4, 4].sum())(x)
+        rows = np.nonzero(np.abs(np.asarray(grad[0])).sum(axis=(1, 2)))[0]
+        return rows.max() - rows.min() + 1
+
+    assert receptive_field(patch) == stride
+    assert receptive_field(conv) > stride
+    with pytest.raises(ValueError, match="Stem: kind=.conv. wants an even stride"):
+        ViM2(**{**TINY, "stem_stride": 3}, stem="conv", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kind='pixel'"):
+        ViM2(**TINY, stem="pixel", rngs=nnx.Rngs(0))
+
+
 # --- Switch of Scans -------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """ViM2: the hierarchical MambaMixer vision backbone (SPEC section 7).
 
-    image (B, H, W, 3) -> stem conv (s x s, stride s) + LayerNorm -> (B, H/s, W/s, C1)
+    image (B, H, W, 3) -> stem (s x s conv, stride s) + LayerNorm -> (B, H/s, W/s, C1)
     -> 4 stages; stage i at width C_i, between stages a 2x2 stride-2 conv to 2 C_i + LayerNorm
     -> LayerNorm -> global average pool -> Linear -> logits (B, num_classes) float32
 
@@ -67,6 +67,47 @@ class ChannelMLP(nnx.Module):
         return self.down(jax.nn.gelu(self.up(x)))
 
 
+STEMS = ("patch", "conv")
+
+
+class Stem(nnx.Module):
+    """The stem, (B, H, W, in_channels) -> (B, H/s, W/s, dim), ending in a norm.
+
+    kind="patch": one s x s convolution of stride s (the paper's patch embedding).
+    kind="conv" (our small-image option): two 3x3 convolutions with a norm and a GELU between
+    them, to dim/2 channels at stride s/2 and then to dim at stride 2 (stride 1 and 1 when
+    s = 1). On 32x32 images with s = 2 the first sees every pixel with overlapping windows
+    instead of cutting the image into disjoint 2x2 patches.
+    """
+
+    def __init__(self, in_channels: int, dim: int, *, stride: int, kind: str = "patch",
+                 norm: str = "layernorm", dtype=None, rngs: nnx.Rngs):
+        if kind not in STEMS:
+            raise ValueError(f"Stem: kind={kind!r}, wanted one of {STEMS}")
+        if kind == "conv" and stride > 1 and stride % 2:
+            raise ValueError(f"Stem: kind='conv' wants an even stride (or 1), got {stride}")
+        if kind == "patch":
+            self.convs = nnx.List([nnx.Conv(in_channels, dim, (stride, stride),
+                                            strides=(stride, stride), padding="VALID",
+                                            dtype=dtype, rngs=rngs)])
+            self.norms = nnx.List([make_norm(norm, dim, dtype=dtype, rngs=rngs)])
+        else:
+            strides = (stride // 2, 2) if stride > 1 else (1, 1)
+            dims = (in_channels, max(dim // 2, 1), dim)
+            self.convs = nnx.List([
+                nnx.Conv(dims[i], dims[i + 1], (3, 3), strides=(s, s), padding="SAME",
+                         dtype=dtype, rngs=rngs) for i, s in enumerate(strides)])
+            self.norms = nnx.List([make_norm(norm, d, dtype=dtype, rngs=rngs)
+                                   for d in dims[1:]])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            x = norm(conv(x))
+            if i + 1 < len(self.convs):
+                x = jax.nn.gelu(x)
+        return x
+
+
 DOWNSAMPLES = ("conv", "separable")
 
 
@@ -107,6 +148,8 @@ class ViM2(nnx.Module):
         t_i / c_i token blocks and one channel block.
       in_channels: image channels.
       stem_stride: the stem's patch size and stride (4; 2 for 32x32 images).
+      stem: "patch" (an s x s patch embedding) or "conv" (two overlapping 3x3 convolutions,
+        `Stem`).
       downsample: "separable" (depthwise 2x2 stride 2 + Linear C -> 2C) or "conv" (a full
         2x2 stride-2 conv); both followed by the norm.
       expand: token mixer inner width E = expand * C.
@@ -135,7 +178,8 @@ class ViM2(nnx.Module):
     def __init__(self, *, num_classes: int = 1000, widths: Sequence[int] = (96, 192, 384, 768),
                  token_depths: Sequence[int] = (2, 2, 6, 2),
                  channel_depths: Sequence[int] = (1, 1, 3, 1), in_channels: int = 3,
-                 stem_stride: int = 4, downsample: str = "separable", expand: int = 2,
+                 stem_stride: int = 4, stem: str = "patch", downsample: str = "separable",
+                 expand: int = 2,
                  state_dim: int = 16, dt_rank: int | str = 22, conv_size: int = 3,
                  scans: Sequence[str] = CROSS_SCAN, channel_mixer: str = "selective",
                  channel_group_size: int = 16, channel_expand: int = 2,
@@ -171,10 +215,8 @@ class ViM2(nnx.Module):
                                  quasi_separable=quasi_separable_channels, impl=scan_impl,
                                  dtype=dtype)
 
-        self.stem = nnx.Conv(in_channels, widths[0], (stem_stride, stem_stride),
-                             strides=(stem_stride, stem_stride), padding="VALID", dtype=dtype,
-                             rngs=rngs)
-        self.stem_norm = make_norm(norm, widths[0], dtype=dtype, rngs=rngs)
+        self.stem = Stem(in_channels, widths[0], stride=stem_stride, kind=stem, norm=norm,
+                         dtype=dtype, rngs=rngs)
         num_blocks = sum(token_depths) + sum(channel_depths)
         rates = iter(np.linspace(0.0, drop_path_rate, num_blocks).tolist())
         stages, downsamples = [], []
@@ -233,7 +275,7 @@ class ViM2(nnx.Module):
                              f"(batch, H, W, channels) with H and W divisible by {multiple}")
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        h = self.stem_norm(self.stem(x))
+        h = self.stem(x)
         outputs = []
         for i, stage in enumerate(self.stages):
             if i:
