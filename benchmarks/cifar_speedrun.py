@@ -10,6 +10,8 @@ done, the training images/s and the wall time of each phase, compile included.
 
 Every second counts here, so the run validates and checkpoints only at its end (or at the time
 limit, or on SIGTERM/Ctrl-C); `--set train.eval_every_steps=95` restores per-epoch validation.
+With `--cache-dir` JAX's persistent compilation cache lives in cache_dir/jax, so eval.py loads
+the evaluation step that training compiled instead of compiling it again.
 With a time limit the learning-rate schedule runs on the clock (`optimizer.schedule_clock=
 "time"`): it reaches its end at the limit however fast the machine is, and `--epochs` is then
 an upper bound that a fast machine would reach first.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -47,6 +50,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps (CPU)")
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if args.cache_dir:  # read by JAX here and in the eval.py process
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(pathlib.Path(args.cache_dir) / "jax")
 
     from mmx_jax.data.images import FolderSource, decode_to_arrays, extract_archive
     from mmx_jax.train.config_args import apply_overrides, load_config_file

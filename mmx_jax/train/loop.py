@@ -1,19 +1,23 @@
 """The training loop and checkpoint evaluation.
 
-train_and_evaluate reads top to bottom: build the mesh, build the model and optimizer state
-already sharded on it, restore the latest checkpoint if the workdir has one, jit the step with
-explicit shardings and donated state, loop with validation, early stopping, checkpoints and
-metric writers, then test the best checkpoint.
+train_and_evaluate reads top to bottom: build the mesh, jit the steps with explicit shardings
+and donated state and start compiling them in the background, build the model and optimizer
+state already sharded on the mesh (or restore the latest checkpoint if the workdir has one),
+loop with validation, early stopping, checkpoints and metric writers, then test the best
+checkpoint.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import pathlib
 import signal
+import threading
 import time
 from typing import Any
 
@@ -121,10 +125,45 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, tas
     return run
 
 
+class Step:
+    """A jitted function that can be compiled ahead of time in a background thread.
+
+    `precompile(*specs)` starts tracing, lowering and compiling for abstract arguments
+    (`jax.ShapeDtypeStruct`s with shardings) and returns at once; later calls wait for that
+    executable and run it. XLA releases the GIL while it compiles, so the host can compile the
+    training and evaluation steps together while it builds the initial state. Without
+    `precompile` a call is the plain jitted call. `trace(*args)` gives ahead-of-time access.
+    """
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+        self._compiled: concurrent.futures.Future | None = None
+
+    def trace(self, *args):
+        return self._jitted.trace(*args)
+
+    def precompile(self, *specs) -> None:
+        future = concurrent.futures.Future()
+
+        def work():
+            try:
+                future.set_result(self._jitted.trace(*specs).lower().compile())
+            except BaseException as err:  # noqa: BLE001 - re-raised by the first call
+                future.set_exception(err)
+
+        # A daemon thread: an interrupted run exits without waiting for the compiler.
+        threading.Thread(target=work, name="precompile", daemon=True).start()
+        self._compiled = future
+
+    def __call__(self, *args):
+        return (self._compiled.result() if self._compiled else self._jitted)(*args)
+
+
 def make_train_step(run: Run):
     """The jitted step, ``step(state, batch, schedule_step=None) -> (state, metrics)``.
     `schedule_step`, the learning-rate schedule's position (`optim.schedule_position`), is
-    required with optimizer.schedule_clock="time" and unused otherwise."""
+    required with optimizer.schedule_clock="time" and unused otherwise. `step.precompile(
+    state_spec, batch_spec)` compiles it in the background (`Step`)."""
     task, graphdefs = run.task, run.graphdefs
     ema_decay = run.config.optimizer.ema_decay
     clocked = time_clocked(run.config.optimizer)
@@ -142,14 +181,17 @@ def make_train_step(run: Run):
 
     data_sharding = batch_sharding(run.mesh)
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    jitted = jax.jit(train_step, in_shardings=(run.shardings, data_sharding, replicated),
-                     out_shardings=(run.shardings, replicated), donate_argnums=0)
+    jitted = Step(jax.jit(train_step, in_shardings=(run.shardings, data_sharding, replicated),
+                          out_shardings=(run.shardings, replicated), donate_argnums=0))
+    position_spec = jax.ShapeDtypeStruct((), np.float32)
 
     def step(state, batch, schedule_step=None):
         if clocked and schedule_step is None:
             raise ValueError('optimizer.schedule_clock="time": the step needs schedule_step')
         return jitted(state, batch, np.float32(schedule_step or 0.0))
 
+    step.trace = lambda state, batch: jitted.trace(state, batch, np.float32(0.0))
+    step.precompile = lambda state, batch: jitted.precompile(state, batch, position_spec)
     return step
 
 
@@ -162,13 +204,21 @@ def make_eval_step(run: Run):
         return task.eval_sums(model, batch)
 
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(eval_step, in_shardings=(run.shardings, batch_sharding(run.mesh)),
-                   out_shardings=replicated)
+    return Step(jax.jit(eval_step, in_shardings=(run.shardings, batch_sharding(run.mesh)),
+                        out_shardings=replicated))
 
 
 def place_batch(run: Run, local: dict[str, np.ndarray], global_size: int):
     """This process's rows of a batch as global arrays sharded over the mesh's data axis."""
     return global_batch(local, batch_sharding(run.mesh), global_size)
+
+
+def batch_spec(run: Run, local: dict[str, np.ndarray], global_size: int):
+    """The abstract global batch (shapes, dtypes, shardings) of which `local` is this process's
+    rows: what `place_batch` would make, without placing it."""
+    sharding = batch_sharding(run.mesh)
+    return {k: jax.ShapeDtypeStruct((global_size, *v.shape[1:]), v.dtype, sharding=sharding)
+            for k, v in local.items()}
 
 
 def evaluate_split(run: Run, state, split: str, eval_step=None) -> dict[str, float]:
@@ -233,16 +283,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     worst = math.inf if run.task.validation_mode == "min" else -math.inf
     meta = {"best_val": worst, "best_step": -1, "bad_evals": 0,
             "last_eval_step": 0, "finished": False}
+    spe = run.steps_per_epoch
+    step = run.checkpoints.latest_step() or 0
+    # Compile both steps in the background, for the abstract state and the first batches,
+    # while the state is built or restored.
+    train_step, eval_step = make_train_step(run), make_eval_step(run)
+    state_spec = jax.eval_shape(run.init_state)
+    batches = run.task.train_batches(step, spe)
+    first = next(batches)
+    batches = itertools.chain([first], batches)
+    train_step.precompile(state_spec, batch_spec(run, first, run.task.train_batch_size))
+    val_batches = run.task.eval_batches("val")
+    eval_step.precompile(state_spec, batch_spec(run, next(val_batches),
+                                                run.task.eval_batch_size))
+    val_batches.close()
+
     if run.checkpoints.latest_step() is not None:
         state, saved_meta, step = run.restore("latest")
         meta.update(saved_meta)
         log.info("resumed from %s at step %d", run.checkpoints.workdir / "checkpoints", step)
         writer.truncate_after(step)
     else:
-        state, step = run.init_state(), 0
+        state = run.init_state()
 
-    train_step, eval_step = make_train_step(run), make_eval_step(run)
-    spe = run.steps_per_epoch
     eval_every = tcfg.eval_every_steps or spe
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
     last_saved = run.checkpoints.latest_step()
@@ -277,7 +340,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     first_done = None
     with _StopSignal() as stop:
         try:
-            batches = run.task.train_batches(step, spe)
             while step < run.total_steps and not meta["finished"]:
                 batch = place_batch(run, next(batches), run.task.train_batch_size)
                 position = step
