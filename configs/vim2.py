@@ -12,8 +12,9 @@ Arguments:
   variant   tiny | small | base (the paper's ImageNet models and recipe: 224x224, 300 epochs,
             20 warm-up, batch 1024, AdamW lr 1e-3 x batch/1024, weight decay 0.05,
             RandAugment, mixup/cutmix, label smoothing, random erasing, EMA) or cifar (our
-            small-image variant for 32x32 images: stem stride 2, widths 64..512, in-memory
-            pipeline with on-device crop/flip, bfloat16, warm-up + cosine).
+            small-image variant for 32x32 images: a 3x3 conv stem of stride 2, widths 64..512,
+            in-memory pipeline with on-device crop, flip and cutout, bfloat16, warm-up +
+            cosine).
   dataset   imagenet2012 | cifar10 (prepared tensorflow-datasets data sources) |
             folder:<root> (root/<split>/<class>/*.jpg) | archive:<file.tar.xz> | idx:<folder>.
   epochs    training epochs (default per variant).
@@ -34,9 +35,11 @@ FAMILY = "vim2"
 # The small-image variant: our choice, sized for a 10-minute single-GPU CIFAR-10 run. State
 # size 4 (not 16) in both mixers makes the H100 step 1.7x faster (29 against 50 ms at batch
 # 512); in 10 minutes that bought 113 epochs and 87.5 % against 59 epochs and 85.5 % at N=16
-# (results/vision.md). VMamba-v2 also found small states enough for images.
+# (results/vision.md). VMamba-v2 also found small states enough for images. The overlapping
+# 3x3 conv stem (`stem="conv"`) in place of 2x2 patches, with cutout, took the 10-minute run
+# from 88 % to 90 % at about the same speed.
 CIFAR_MODEL = dict(widths=(64, 128, 256, 512), token_depths=(2, 2, 4, 2),
-                   channel_depths=(1, 1, 2, 1), stem_stride=2, drop_path_rate=0.1,
+                   channel_depths=(1, 1, 2, 1), stem_stride=2, stem="conv", drop_path_rate=0.1,
                    dt_rank="auto", state_dim=4, channel_state_dim=4)
 
 
@@ -72,7 +75,8 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         randaugment_ops=2,
         randaugment_magnitude=9.0,
         erasing_prob=0.25,
-        cutout_size=0,  # memory pipeline: a square of this side per image set to the mean
+        # memory pipeline: a square of this side per image set to the mean
+        cutout_size=16 if variant == "cifar" else 0,
         mixup_alpha=0.0 if small_images else 0.8,
         cutmix_alpha=0.0 if small_images else 1.0,
         mix_prob=1.0,
