@@ -39,8 +39,8 @@ def main():
     parser.add_argument("--family", default="vim2", choices=("vim2", "viqs"))
     parser.add_argument("--epochs", type=int, default=130,
                         help="at most this many (an H100 ran 26-30 steps/s at batch 512 after "
-                             "about 50 s of compilation: about 126 epochs in 460 s)")
-    parser.add_argument("--time-limit", type=float, default=460.0,
+                             "about 50 s of compilation: about 118 epochs in 440 s)")
+    parser.add_argument("--time-limit", type=float, default=440.0,
                         help="training seconds, compile included (0: none)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--set", action="append", default=[], help="key=value overrides")
@@ -49,7 +49,9 @@ def main():
                              "eval.flip_tta: the run's own test pass and eval.py's)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps (CPU)")
     args = parser.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("mmx_jax.train.loop").setLevel(logging.INFO)  # phase times
     if args.cache_dir:  # read by JAX here and in the eval.py process
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(pathlib.Path(args.cache_dir) / "jax")
 

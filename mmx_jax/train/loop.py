@@ -275,8 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     Returns the final metrics, also written to workdir/results.json.
     """
     workdir = pathlib.Path(workdir)
+    began = time.time()
     _save_config(config, workdir)
     run = setup(config, workdir, task=task, devices=devices)
+    log.info("data and model set up in %.1f s", time.time() - began)
     writer = MetricWriter(workdir)
     tcfg = config.train
 
@@ -305,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         writer.truncate_after(step)
     else:
         state = run.init_state()
+    log.info("state ready after %.1f s", time.time() - began)
 
     eval_every = tcfg.eval_every_steps or spe
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
@@ -348,7 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                         step, run.total_steps, time.time() - first_done,
                         started + tcfg.time_limit_s - first_done)
                 state, metrics = train_step(state, batch, position)
-                first_done = first_done or time.time()
+                if first_done is None:
+                    first_done = time.time()
+                    log.info("first step dispatched after %.1f s (compilation included)",
+                             first_done - began)
                 step += 1
                 pending.append((step, metrics))
                 bar.update(1)
@@ -385,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             bar.close()
             run.checkpoints.wait()
 
+    log.info("training ended at step %d after %.1f s", step, time.time() - began)
     best_state, best_meta, best_step = run.restore("best")
     results = {"best_step": best_step, "best_val_" + run.task.validation_metric:
                best_meta["best_val"], "steps": step,
@@ -395,6 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     run.checkpoints.close()
+    log.info("best checkpoint tested after %.1f s", time.time() - began)
     return results
 
 
