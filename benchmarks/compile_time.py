@@ -11,7 +11,8 @@ Each variant runs in its own process (XLA flags are read once per process). A va
 spaces). For the config's jitted training step and its evaluation step on random inputs of the
 config's shapes it times Python tracing, lowering to StableHLO (the Pallas kernels' Triton or
 Mosaic lowering happens here) and XLA's backend compile (Triton/PTX compilation of the kernels
-and autotuning happen here), and counts the Pallas custom calls. Prints a table.
+and autotuning happen here), and counts the Pallas custom calls. It also times the jitted
+initialisation of the state (compiled and run). Prints a table.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def measure(config_arg: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         run = setup(config, workdir, task=synthetic_task(config))
-        state = run.init_state()
         row["setup_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        state = jax.block_until_ready(run.init_state())
+        row["init_s"] = time.perf_counter() - start  # compiled and run
         train_batch = place_batch(run, next(run.task.train_batches(0, run.steps_per_epoch)),
                                   run.task.train_batch_size)
         eval_batch = place_batch(run, next(run.task.eval_batches("val")),
@@ -109,10 +112,10 @@ def main():
         sys.exit(1)
     print(f"\n{rows[0]['device']}, jax {rows[0]['jax']}; config {args.config} {args.set}; "
           "seconds\n")
-    print("| variant | train trace | lower | compile | pallas calls | eval trace | lower | "
-          "compile | whole process |\n|---|---|---|---|---|---|---|---|---|")
+    print("| variant | init state | train trace | lower | compile | pallas calls | eval trace | "
+          "lower | compile | whole process |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} ({r['flags']}) | {r['train_trace_s']:.1f} | "
+        print(f"| {r['variant']} ({r['flags']}) | {r['init_s']:.1f} | {r['train_trace_s']:.1f} | "
               f"{r['train_lower_s']:.1f} | {r['train_compile_s']:.1f} | "
               f"{r['train_pallas_calls']} | {r['eval_trace_s']:.1f} | {r['eval_lower_s']:.1f} | "
               f"{r['eval_compile_s']:.1f} | {r['process_s']:.1f} |")

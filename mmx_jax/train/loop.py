@@ -10,6 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -62,7 +63,8 @@ class Run:
 
     def init_state(self):
         """A fresh state, created directly with its shardings."""
-        return jax.jit(lambda: _split(*self._build())[1], out_shardings=self.shardings)()
+        with _threefry_as_kernel():
+            return jax.jit(lambda: _split(*self._build())[1], out_shardings=self.shardings)()
 
     def _build(self):
         seed = self.config.seed
@@ -86,6 +88,19 @@ class Run:
         if ema is not None:
             nnx.update(model, ema)
         return model
+
+
+def _threefry_as_kernel():
+    """A context in which this thread lowers threefry random numbers to one GPU kernel call
+    each (JAX's `jax_threefry_gpu_kernel_lowering`; the same numbers). The initialisation
+    draws once per parameter tensor, and XLA's compilation of those inlined threefry rounds
+    took 30-50 s on the GPU machine. No effect on other backends; a no-op where this JAX has
+    no such option."""
+    try:
+        from jax._src.config import threefry_gpu_kernel_lowering  # noqa: PLC0415
+    except ImportError:
+        return contextlib.nullcontext()
+    return threefry_gpu_kernel_lowering(True)
 
 
 def _split(model, optimizer, ema):
