@@ -239,6 +239,43 @@ def test_ema_of_the_weights_follows_its_formula(tmp_path):
     np.testing.assert_allclose(ema_model.head.kernel[...], state["ema"]["head"]["kernel"][...])
 
 
+def test_a_precompiled_step_matches_the_jitted_one_and_reports_compile_errors(tmp_path):
+    """Step.precompile: compiled in a background thread for abstract arguments, the same
+    numbers as the plain jitted call; arguments that do not match the specs, and failures of
+    the background compilation, raise at the call."""
+    from mmx_jax.train.loop import Step, batch_spec, make_train_step, place_batch
+
+    config = small_config()
+    config.mesh.update(data=1, fsdp=1)
+    run = setup(config, tmp_path, devices=jax.devices()[:1])
+    local = next(run.task.train_batches(0, run.steps_per_epoch))
+    batch = place_batch(run, local, run.task.train_batch_size)
+    plain, early = make_train_step(run), make_train_step(run)
+    early.precompile(jax.eval_shape(run.init_state),
+                     batch_spec(run, local, run.task.train_batch_size))
+    want_state, want = plain(run.init_state(), batch)
+    got_state, got = early(run.init_state(), batch)
+    np.testing.assert_array_equal(got["loss"], want["loss"])
+
+    def raw(x):  # PRNG keys (the dropout streams) compare through their data
+        return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key) else x)
+
+    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
+        np.testing.assert_array_equal(raw(a), raw(b))
+    short = {k: v[:-1] for k, v in local.items()}
+    with pytest.raises((TypeError, ValueError)):
+        early(run.init_state(), place_batch(run, short, run.task.train_batch_size - 1))
+
+    def broken(x):
+        raise RuntimeError("cannot trace this")
+
+    failing = Step(jax.jit(broken))
+    failing.precompile(jax.ShapeDtypeStruct((2,), np.float32))
+    with pytest.raises(RuntimeError, match="cannot trace this"):
+        failing(np.zeros(2, np.float32))
+
+
 def test_time_clocked_schedule_ends_at_the_time_limit(tmp_path, monkeypatch):
     """optimizer.schedule_clock="time": the schedule's position runs ahead of the steps so that
     it reaches the schedule's end as train.time_limit_s runs out (the loop's clock is faked:
