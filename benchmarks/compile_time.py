@@ -33,10 +33,9 @@ PALLAS_MARKERS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
 def measure(config_arg: str, overrides: list[str]) -> dict:
     """One process's timings (seconds) for the train and eval steps."""
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import jax  # noqa: PLC0415
-    from profile_step import synthetic_task  # noqa: PLC0415
 
+    from mmx_jax.train.classification import ClassificationTask  # noqa: PLC0415
     from mmx_jax.train.config_args import apply_overrides, load_config_file  # noqa: PLC0415
     from mmx_jax.train.loop import make_eval_step, make_train_step, place_batch, setup  # noqa: PLC0415
 
@@ -44,7 +43,7 @@ def measure(config_arg: str, overrides: list[str]) -> dict:
     row = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        run = setup(config, workdir, task=synthetic_task(config))
+        run = setup(config, workdir, task=ClassificationTask.synthetic(config))
         row["setup_s"] = time.perf_counter() - start
         start = time.perf_counter()
         state = jax.block_until_ready(run.init_state())

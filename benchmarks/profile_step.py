@@ -29,12 +29,10 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mmx_jax.data.image_sources import ImageArrays  # noqa: E402
 from mmx_jax.train.classification import ClassificationTask  # noqa: E402
 from mmx_jax.train.config_args import apply_overrides, load_config_file  # noqa: E402
 from mmx_jax.train.loop import make_train_step, place_batch, setup  # noqa: E402
@@ -44,18 +42,6 @@ KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("matmul/conv", ("gemm", "xmma", "cutlass", "cublas", "conv", "dot", "wgmma", "sm90")),
     ("pallas", ("pallas", "triton", "_kernel", "selective_scan")),
 )
-
-
-def synthetic_task(config, num_classes: int = 10) -> ClassificationTask:
-    d = config.data
-    rng = np.random.default_rng(0)
-    n = 2 * d.batch_size
-    images = rng.integers(0, 256, (n, d.image_size, d.image_size, d.channels), np.uint8)
-    arrays = ImageArrays(images, rng.integers(0, num_classes, n).astype(np.int32),
-                         tuple(str(i) for i in range(num_classes)))
-    config.data.pipeline = "memory"
-    return ClassificationTask(config, {"train": arrays, "val": arrays, "test": arrays},
-                              num_classes)
 
 
 def kind_of(name: str) -> str:
@@ -114,7 +100,7 @@ def main():
 
     config = apply_overrides(load_config_file(args.config), args.set)
     with tempfile.TemporaryDirectory() as workdir:
-        run = setup(config, workdir, task=synthetic_task(config))
+        run = setup(config, workdir, task=ClassificationTask.synthetic(config))
         state = run.init_state()
         # The learning rate does not change the work; position 0 also serves time-clocked
         # schedules (optimizer.schedule_clock="time").

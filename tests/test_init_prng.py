@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmx_jax.data.image_sources import ImageArrays
 from mmx_jax.train.classification import ClassificationTask
 from mmx_jax.train.loop import _split, _threefry_as_kernel, setup
 
@@ -45,11 +44,7 @@ def test_init_state_is_the_same_with_the_kernel_lowering(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("variant=cifar,dataset=cifar10")
-    config.data.pipeline = "memory"
-    images = np.zeros((1024, 32, 32, 3), np.uint8)
-    arrays = ImageArrays(images, np.zeros(1024, np.int32), tuple("abcdefghij"))
-    task = ClassificationTask(config, {"train": arrays, "val": arrays, "test": arrays}, 10)
-    run = setup(config, tmp_path, task=task)
+    run = setup(config, tmp_path, task=ClassificationTask.synthetic(config))
     kernel = run.init_state()
     plain = jax.jit(lambda: _split(*run._build())[1], out_shardings=run.shardings)()
     leaves_k, leaves_p = jax.tree.leaves(kernel), jax.tree.leaves(plain)

@@ -89,6 +89,21 @@ class ClassificationTask(Task):
             val = test
         return cls(config, {"train": train, "val": val, "test": test}, len(train.class_names))
 
+    @classmethod
+    def synthetic(cls, config, num_classes: int = 10, *, seed: int = 0) -> ClassificationTask:
+        """Random images and labels of the config's image size, two training batches of them
+        in every split, in the memory pipeline (the config is switched to it): for timing and
+        compiling a config's steps without its data."""
+        d = config.data
+        rng = np.random.default_rng(seed)
+        n = 2 * d.batch_size
+        arrays = img.ImageArrays(
+            rng.integers(0, 256, (n, d.image_size, d.image_size, d.channels), np.uint8),
+            rng.integers(0, num_classes, n).astype(np.int32),
+            tuple(str(i) for i in range(num_classes)))
+        config.data.pipeline = "memory"
+        return cls(config, {"train": arrays, "val": arrays, "test": arrays}, num_classes)
+
     # -- model ----------------------------------------------------------------------------
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return self._create_model(rngs, num_classes=self.num_classes)
