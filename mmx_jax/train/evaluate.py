@@ -14,11 +14,15 @@ from mmx_jax.train.loop import evaluate_split, load_config, setup
 from mmx_jax.train.plots import plot_forecasts
 
 
+def _flip_tta(config) -> bool:
+    return bool(config.get("eval", {}).get("flip_tta", False))
+
+
 def eval_dir(workdir: str | pathlib.Path, checkpoint: str | int, config) -> pathlib.Path:
     """Where `evaluate_and_report` writes a checkpoint's report: workdir/eval/<checkpoint>, with
     a "_flip" suffix when the config asks for mirror test-time augmentation."""
-    flip = bool(config.get("eval", {}).get("flip_tta", False))
-    return pathlib.Path(workdir) / "eval" / (str(checkpoint) + ("_flip" if flip else ""))
+    return pathlib.Path(workdir) / "eval" / (str(checkpoint) + ("_flip" if _flip_tta(config)
+                                                                else ""))
 
 
 def evaluate_and_report(workdir: str | pathlib.Path, *, checkpoint: str | int = "best",
@@ -34,7 +38,7 @@ def evaluate_and_report(workdir: str | pathlib.Path, *, checkpoint: str | int = 
     try:
         state, _, step = run.restore(checkpoint)
         metrics = evaluate_split(run, state, split)
-        flip = bool(config.get("eval", {}).get("flip_tta", False))
+        flip = _flip_tta(config)
         out_dir = eval_dir(workdir, checkpoint, config)
         report = {"workdir": str(workdir), "checkpoint": str(checkpoint), "step": step,
                   "split": split, "devices": run.mesh.size, **({"flip_tta": True} if flip else {}),

@@ -301,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     meta = {"best_val": worst, "best_step": -1, "bad_evals": 0,
             "last_eval_step": 0, "finished": False}
     spe = run.steps_per_epoch
-    step = run.checkpoints.latest_step() or 0
+    latest = run.checkpoints.latest_step()
+    step = latest or 0
     # Compile both steps in the background, for the abstract state and the first batches,
     # while the state is built or restored.
     train_step, eval_step = make_train_step(run), make_eval_step(run)
@@ -315,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                                 run.task.eval_batch_size))
     val_batches.close()
 
-    if run.checkpoints.latest_step() is not None:
+    if latest is not None:
         state, saved_meta, step = run.restore("latest")
         meta.update(saved_meta)
         log.info("resumed from %s at step %d", run.checkpoints.workdir / "checkpoints", step)
@@ -326,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     eval_every = tcfg.eval_every_steps or spe
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
-    last_saved = run.checkpoints.latest_step()
+    last_saved = latest
 
     def check_finite():
         """Fetches pending step metrics; raises if any loss is NaN/inf. Returns the means."""
