@@ -60,6 +60,23 @@ def test_winners_are_chosen_per_horizon_on_validation(driver, monkeypatch):
     assert driver.winners(rows[:3]) == {("etth1", 96): "d64_lr1e-3"}  # 192 is incomplete
 
 
+def test_stage_two_retries_the_stage_one_choice_with_the_options(driver, monkeypatch):
+    monkeypatch.setattr(driver, "grid_for", lambda dataset: {"a": {"model.d_model": 8},
+                                                             "b": {"model.d_model": 16}})
+    monkeypatch.setattr(driver, "OPTIONS", {"td2": {"model.time_directions": 2}})
+    found = {"a": _row("a", "a", val=0.6, test=0.1)}
+    assert driver.follow_up("etth1", 96, found) == ("stage1", ["b"])
+    found["b"] = _row("b", "b", val=0.5, test=0.9)
+    assert driver.follow_up("etth1", 96, found) == ("stage2", ["b+td2"])
+    assert driver.candidate_overrides("etth1", "b+td2") == {"model.d_model": 16,
+                                                            "model.time_directions": 2}
+    found["b+td2"] = _row("c", "b+td2", val=0.55, test=0.0)  # worse on validation
+    assert driver.follow_up("etth1", 96, found) == ("final", ["b"])
+    found["b+td2"] = _row("c", "b+td2", val=0.45, test=0.9)
+    assert driver.follow_up("etth1", 96, found) == ("final", ["b+td2"])
+    assert driver.winners(list(found.values())) == {("etth1", 96): "b+td2"}
+
+
 def test_candidates_do_not_inherit_the_recorded_choice(driver):
     # etth1's recorded choice is a one-layer model; the d64 candidate must still have two.
     job = dict(dataset="etth1", horizon=96, seed=0,
