@@ -82,13 +82,20 @@ def candidate_overrides(dataset: str, name: str) -> dict:
     return {**grid_for(dataset)[base], **(OPTIONS[option] if option else {})}
 
 
+def stage1_choice(dataset: str, found: dict[str, dict]) -> str | None:
+    """The stage-1 choice among a (data set, horizon)'s seed-0 runs by candidate name, or
+    None while a stage-1 candidate is missing."""
+    if not set(grid_for(dataset)) <= set(found):
+        return None
+    return choose([found[n] for n in grid_for(dataset)])
+
+
 def follow_up(dataset: str, horizon: int, found: dict[str, dict]) -> tuple[str, list[str]]:
     """What a (data set, horizon) needs next, given its seed-0 runs by candidate name:
     ("stage1", names missing), ("stage2", names missing) or ("final", [the winner])."""
-    missing = [n for n in grid_for(dataset) if n not in found]
-    if missing:
-        return "stage1", missing
-    first = choose([found[n] for n in grid_for(dataset)])
+    first = stage1_choice(dataset, found)
+    if first is None:
+        return "stage1", [n for n in grid_for(dataset) if n not in found]
     missing = [f"{first}+{o}" for o in OPTIONS if f"{first}+{o}" not in found]
     if missing:
         return "stage2", missing
@@ -332,34 +339,29 @@ def _fmt(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}{seeds}"
 
 
+def _search_cell(found: dict[str, dict], name: str, winner: str | None) -> str:
+    text = f"{found[name]['best_val_mse']:.4f}" if name in found else "-"
+    return f"**{text}**" if name == winner else text
+
+
 def print_search(ok: list[dict], chosen: dict[tuple[str, int], str]) -> None:
-    """Validation MSE of every searched candidate (seed 0), the chosen one in bold."""
+    """Validation MSE of every searched candidate (seed 0), the chosen one in bold: the
+    stage-1 grid, then the stage-1 choice and its stage-2 runs."""
     names = list(dict.fromkeys(n for d in DATASETS for n in grid_for(d)))
-    val = {(r["dataset"], r["horizon"], r["candidate"]): r["best_val_mse"]
-           for r in filter(_is_search_run, ok)}
+    runs = collections.defaultdict(dict)
+    for r in filter(_is_search_run, ok):
+        runs[r["dataset"], r["horizon"]][r["candidate"]] = r
     print("| data set | H | " + " | ".join(names) + " | stage 1 choice " +
           "".join(f"| + {o} " for o in OPTIONS) + "| chosen |")
     print("|---|---|" + "---|" * (len(names) + len(OPTIONS) + 2))
     for dataset in DATASETS:
         for horizon in HORIZONS:
-            found = {n: r for (d, h, n), r in val.items() if (d, h) == (dataset, horizon)}
-            first = (choose([{"candidate": n, "best_val_mse": found[n]} for n in names
-                             if n in found]) if set(grid_for(dataset)) <= set(found) else None)
-            cells = []
-            for name in names:
-                value = val.get((dataset, horizon, name))
-                text = "-" if value is None else f"{value:.4f}"
-                bold = chosen.get((dataset, horizon)) == name
-                cells.append(f"**{text}**" if bold else text)
-            cells.append(first or "-")
-            for option in OPTIONS:
-                name = f"{first}+{option}"
-                value = val.get((dataset, horizon, name))
-                text = "-" if value is None else f"{value:.4f}"
-                bold = chosen.get((dataset, horizon)) == name
-                cells.append(f"**{text}**" if bold else text)
+            found, winner = runs[dataset, horizon], chosen.get((dataset, horizon))
+            first = stage1_choice(dataset, found)
+            cells = [_search_cell(found, name, winner) for name in names] + [first or "-"]
+            cells += [_search_cell(found, f"{first}+{o}", winner) for o in OPTIONS]
             print(f"| {dataset} | {horizon} | " + " | ".join(cells) +
-                  f" | {chosen.get((dataset, horizon), 'incomplete')} |")
+                  f" | {winner or 'incomplete'} |")
     print()
 
 
