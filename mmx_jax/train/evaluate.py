@@ -21,8 +21,8 @@ def _flip_tta(config) -> bool:
 def eval_dir(workdir: str | pathlib.Path, checkpoint: str | int, config) -> pathlib.Path:
     """Where `evaluate_and_report` writes a checkpoint's report: workdir/eval/<checkpoint>, with
     a "_flip" suffix when the config asks for mirror test-time augmentation."""
-    return pathlib.Path(workdir) / "eval" / (str(checkpoint) + ("_flip" if _flip_tta(config)
-                                                                else ""))
+    suffix = "_flip" if _flip_tta(config) else ""
+    return pathlib.Path(workdir) / "eval" / f"{checkpoint}{suffix}"
 
 
 def evaluate_and_report(workdir: str | pathlib.Path, *, checkpoint: str | int = "best",
