@@ -98,6 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         revin_affine=False,
         dropout=0.1,
         head_dropout=0.0,
+        # None, or the initial value of a learned scale on each residual branch (0: identity)
+        layer_scale=ml_collections.config_dict.placeholder(float),
         norm="layernorm",
         learnable_averaging=True,
         # The quick start runs on CPUs, where the sequential scan is the fastest (the paper
@@ -116,6 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         min_lr_ratio=0.01,
         grad_clip=1.0,
         ema_decay=0.0,  # 0 disables the EMA of the weights
+        lr_scale_rules=(),  # (regex on the parameter path, lr factor), first match wins
     )
     config.train = dict(
         num_epochs=4,

@@ -88,6 +88,24 @@ def test_revin_makes_the_forecast_shift_equivariant(rng):
     np.testing.assert_allclose(model(x + shift), model(x) + shift, rtol=1e-4, atol=1e-4)
 
 
+def test_zero_layer_scale_starts_as_the_models_linear_part(rng):
+    """layer_scale=0 makes every mixer block the identity: the forecast is that of the same
+    embedding and head with no layers, and the scales still get gradients."""
+    args = dict(num_variates=3, seq_len=32, pred_len=8, dropout=0.0, **{**SMALL, "num_layers": 2})
+    full = create_model("tsm2", layer_scale=0.0, **args, rngs=nnx.Rngs(1))
+    bare = create_model("tsm2", **{**args, "num_layers": 0}, rngs=nnx.Rngs(2))
+    assert bare.mixer.averaging is None
+    for name in ("patch_embed", "head_norm", "head"):
+        nnx.update(getattr(bare, name), nnx.state(getattr(full, name)))
+    bare.pos_embed.value = full.pos_embed.value
+    x = jnp.asarray(rng.normal(size=(2, 32, 3)).astype(np.float32))
+    np.testing.assert_allclose(full(x), bare(x), rtol=1e-6, atol=1e-6)
+    scales = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(full).mixer.token_blocks[0].scale[...]
+    assert np.abs(np.asarray(scales)).max() > 0
+    plain = create_model("tsm2", **args, rngs=nnx.Rngs(1))
+    assert not np.allclose(plain(x), bare(x), atol=1e-3)  # without it the blocks do change x
+
+
 def test_training_steps_on_real_etth1_lower_the_loss(shared_data):
     from mmx_jax.data import load_forecasting
 

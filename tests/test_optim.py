@@ -61,3 +61,24 @@ def test_schedule_position():
     assert schedule_position(10, 100, elapsed_s=50.0, budget_s=100.0) == 50.0  # time leads
     assert schedule_position(10, 100, elapsed_s=150.0, budget_s=100.0) == 100.0  # capped
     assert schedule_position(10, 100, elapsed_s=150.0, budget_s=0.0) == 10.0  # no budget
+
+
+def test_lr_scale_rules_scale_the_matching_updates_first_match_wins():
+    params = {"mixer": {"w": jnp.ones((2,)), "b": jnp.ones((2,))}, "head": {"w": jnp.ones((2,))}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    plain = make_optimizer(optimizer_config(warmup_steps=0), total_steps=10, steps_per_epoch=5)
+    scaled = make_optimizer(optimizer_config(
+        warmup_steps=0, lr_scale_rules=((r"\['mixer'\]\['w'\]", 0.0), (r"^\['mixer'\]", 0.25))),
+        total_steps=10, steps_per_epoch=5)
+    want, _ = plain.update(grads, plain.init(params), params)
+    got, _ = scaled.update(grads, scaled.init(params), params)
+    assert not np.allclose(want["head"]["w"], 0.0)
+    np.testing.assert_allclose(got["head"]["w"], want["head"]["w"], rtol=1e-6)
+    np.testing.assert_allclose(got["mixer"]["b"], 0.25 * want["mixer"]["b"], rtol=1e-6)
+    np.testing.assert_array_equal(got["mixer"]["w"], 0.0)
+
+
+def test_lr_scale_rule_that_is_not_a_pair_is_named():
+    with pytest.raises(ValueError, match="lr_scale_rules entry"):
+        make_optimizer(optimizer_config(lr_scale_rules=(("mixer",),)), total_steps=4,
+                       steps_per_epoch=2)

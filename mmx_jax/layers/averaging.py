@@ -71,17 +71,26 @@ class DropPath(nnx.Module):
 
 
 class ResidualBlock(nnx.Module):
-    """x + DropPath(Dropout(mixer(Norm(x))))."""
+    """x + DropPath(Dropout(scale * mixer(Norm(x)))).
+
+    ``layer_scale``: None (no scale) or the initial value of a learned per-feature scale of the
+    branch (CaiT's LayerScale); 0 starts the block as the identity.
+    """
 
     def __init__(self, dim: int, mixer: nnx.Module, *, norm: str = "layernorm",
-                 dropout: float = 0.0, drop_path: float = 0.0, dtype=None, rngs: nnx.Rngs):
+                 dropout: float = 0.0, drop_path: float = 0.0, layer_scale: float | None = None,
+                 dtype=None, rngs: nnx.Rngs):
         self.norm = make_norm(norm, dim, dtype=dtype, rngs=rngs)
         self.mixer = mixer
+        self.scale = None if layer_scale is None else nnx.Param(jnp.full((dim,), layer_scale))
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x + self.drop_path(self.dropout(self.mixer(self.norm(x)))).astype(x.dtype)
+        branch = self.mixer(self.norm(x))
+        if self.scale is not None:
+            branch = branch * self.scale[...].astype(branch.dtype)
+        return x + self.drop_path(self.dropout(branch)).astype(x.dtype)
 
 
 class MambaMixerStack(nnx.Module):
@@ -103,10 +112,13 @@ class MambaMixerStack(nnx.Module):
         self.token_blocks = nnx.List([make_token_blocks(i) for i in range(num_layers)])
         self.channel_blocks = nnx.List([make_channel_block(i) for i in range(num_layers)])
         kind = nnx.Param if learnable_averaging else AveragingWeights
-        self.averaging = kind(jnp.asarray(residual_init(num_layers)))
+        # No layers, no weights (and no zero-size array for a checkpoint to refuse).
+        self.averaging = kind(jnp.asarray(residual_init(num_layers))) if num_layers else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: the embedded input -> y_ch(Lyr), same shape."""
+        """x: the embedded input -> y_ch(Lyr), same shape (x itself when Lyr is 0)."""
+        if self.averaging is None:
+            return x
         weights = self.averaging[...]
         y_tok, y_ch = [x], [x]
 

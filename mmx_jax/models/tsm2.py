@@ -100,6 +100,8 @@ class TSM2(nnx.Module):
       time_directions: 1 (the paper's text) or 2 (its figure) for the time mixer.
       revin, revin_affine: instance normalisation per variate.
       dropout: inside residual branches and after the embedding.  head_dropout: before the head.
+      layer_scale: None, or the initial value of a learned per-feature scale on every residual
+        branch (0: each mixer block starts as the identity, the model as its linear part).
       norm: "layernorm" or "rmsnorm".  learnable_averaging: train the weighted averaging.
       num_static, static_steps: static covariates S (B, num_static) -> (B, static_steps, M).
       num_future, future_steps: future covariates Z (B, pred_len, num_future) ->
@@ -111,8 +113,9 @@ class TSM2(nnx.Module):
                  stride: int = 8, d_model: int = 64, num_layers: int = 2, expand: int = 2,
                  state_dim: int = 16, time_directions: int = 1, conv_width: int = 4,
                  revin: bool = True, revin_affine: bool = False, dropout: float = 0.1,
-                 head_dropout: float = 0.0, norm: str = "layernorm",
-                 learnable_averaging: bool = True, num_static: int = 0, static_steps: int = 16,
+                 head_dropout: float = 0.0, layer_scale: float | None = None,
+                 norm: str = "layernorm", learnable_averaging: bool = True,
+                 num_static: int = 0, static_steps: int = 16,
                  num_future: int = 0, future_steps: int = 16, scan_impl: str = "auto",
                  dtype=None, rngs: nnx.Rngs):
         if time_directions not in (1, 2):
@@ -135,8 +138,8 @@ class TSM2(nnx.Module):
         self.embed_dropout = nnx.Dropout(dropout, rngs=rngs)
 
         def block(mixer):
-            return ResidualBlock(d_model, mixer, norm=norm, dropout=dropout, dtype=dtype,
-                                 rngs=rngs)
+            return ResidualBlock(d_model, mixer, norm=norm, dropout=dropout,
+                                 layer_scale=layer_scale, dtype=dtype, rngs=rngs)
 
         mixer_args = dict(expand=expand, state_dim=state_dim, conv_width=conv_width,
                           impl=scan_impl, dtype=dtype, rngs=rngs)

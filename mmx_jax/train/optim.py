@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -49,6 +52,29 @@ def scale_by_schedule_at(schedule: optax.Schedule) -> optax.GradientTransformati
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
+def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies the update of each parameter by the factor of the first rule whose regex
+    matches its path (`jax.tree_util.keystr`, e.g. "['mixer']['token_blocks'][0]..."); the
+    others are left alone. A learning-rate multiplier per parameter group."""
+    compiled = []
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"optimizer.lr_scale_rules entry {rule!r} is not (regex, factor)")
+        compiled.append((re.compile(rule[0]), float(rule[1])))
+
+    def factor(path) -> float:
+        name = jax.tree_util.keystr(path)
+        return next((f for pattern, f in compiled if pattern.search(name)), 1.0)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u if (f := factor(path)) == 1.0 else (f * u).astype(u.dtype),
+            updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def time_clocked(config) -> bool:
     """Whether `config.optimizer` runs its schedule on the clock (module docstring)."""
     clock = config.get("schedule_clock", "steps")
@@ -81,4 +107,6 @@ def make_optimizer(config, *, total_steps: int,
         parts += [optax.scale_by_adam(b1=config.b1, b2=config.b2),
                   optax.add_decayed_weights(config.weight_decay),
                   scale_by_schedule_at(schedule)]
+    if rules := config.get("lr_scale_rules", ()):
+        parts.append(scale_by_path(rules))
     return optax.chain(*parts)
