@@ -82,7 +82,7 @@ class TritonConfig(NamedTuple):
 
     block_e: int = 32  # channels per forward program (32 * fwd_warps: one per thread)
     fwd_warps: int = 1
-    fwd_unroll: int = 8  # steps unrolled per loop iteration in the forward (and the summaries)
+    fwd_unroll: int = 4  # steps unrolled per loop iteration in the forward (and the summaries)
     bwd_block_e: int = 32
     bwd_warps: int = 1
     bwd_unroll: int = 4  # steps whose states the backward holds in registers at once
@@ -91,6 +91,9 @@ class TritonConfig(NamedTuple):
     fast_exp2: bool = True  # ex2.approx.ftz.f32 (compiled only; interpret uses jnp.exp2)
     keep_decay: bool = False  # keep exp(delta*A) of a sub-chunk in registers, not recompute
     prefetch: bool = True  # load the next chunk's rows while computing this one
+    # With prefetch: the forward (and its summary) also loads the next chunk's B and C rows
+    # ahead, at the cost of holding two chunks of them in registers.
+    prefetch_bc: bool = True
     # Batch rows on the grid's x axis (limit 2**31 - 1) instead of y (limit 65535). None: only
     # when the batch (times time_splits) needs it; channel blocks of one row then no longer
     # run side by side.
@@ -343,15 +346,19 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
     unroll = cfg.fwd_unroll
     per_interval = d.interval // unroll
 
-    def load(c):  # the per-channel rows of chunk c: (u, raw delta) per step
+    ahead = cfg.prefetch and cfg.prefetch_bc
+
+    def load(c):  # the per-channel rows of chunk c: (u, raw delta[, B]) per step
         return [(p.row(u_ref, t, valid), p.row(dt_ref, t, valid))
+                + ((p.state_row(b_ref, t, valid),) if ahead else ())
                 for t, valid in (p.time(c * unroll + j) for j in range(unroll))]
 
     def chunk(c, carry, rows):
         h, sum_dt = carry
         times = [p.time(c * unroll + j) for j in range(unroll)]
-        bvs = [p.state_row(b_ref, t, v) for t, v in times]
-        for (_, valid), (u, dt_raw), bv in zip(times, rows, bvs, strict=True):
+        bvs = ([r[2] for r in rows] if ahead
+               else [p.state_row(b_ref, t, v) for t, v in times])
+        for (_, valid), (u, dt_raw, *_), bv in zip(times, rows, bvs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
             h, _ = _advance(h, dt, u, bv, a2, fast)
             sum_dt = sum_dt + dt
@@ -383,18 +390,24 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     unroll = cfg.fwd_unroll
     per_interval = d.interval // unroll
 
-    def load(c):  # the per-channel rows of chunk c: (u, raw delta, z) per step
+    ahead = cfg.prefetch and cfg.prefetch_bc
+
+    def load_bc(t, valid):
+        return p.state_row(b_ref, t, valid), p.state_row(c_ref, t, valid)
+
+    def load(c):  # the per-channel rows of chunk c: (u, raw delta, z[, (B, C)]) per step
         rows = []
         for j in range(unroll):
             t, valid = p.time(c * unroll + j)
             rows.append((p.row(u_ref, t, valid), p.row(dt_ref, t, valid),
-                         p.row(z_ref, t, valid) if z_ref is not None else None))
+                         p.row(z_ref, t, valid) if z_ref is not None else None)
+                        + ((load_bc(t, valid),) if ahead else ()))
         return rows
 
     def chunk(c, h, rows):
         times = [p.time(c * unroll + j) for j in range(unroll)]
-        bcs = [(p.state_row(b_ref, t, v), p.state_row(c_ref, t, v)) for t, v in times]
-        for (t, valid), (u, dt_raw, z), (bv, cv) in zip(times, rows, bcs, strict=True):
+        bcs = [r[3] for r in rows] if ahead else [load_bc(t, v) for t, v in times]
+        for (t, valid), (u, dt_raw, z, *_), (bv, cv) in zip(times, rows, bcs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
             h, _ = _advance(h, dt, u, bv, a2, fast)
             y = jnp.sum(h * cv[:, None], axis=0)

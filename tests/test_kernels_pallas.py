@@ -43,7 +43,8 @@ SMALL_CONFIGS = {
 # "grouped" at 3 (L=7 in 3 segments of 4 steps).
 TIME_SPLIT_CONFIGS = {
     "triton_split2": SMALL_CONFIGS["triton"]._replace(time_splits=2),
-    "triton_split3": SMALL_CONFIGS["triton"]._replace(time_splits=3),
+    # (with B and C loaded in their own chunk, not a chunk ahead, in the forward and summary)
+    "triton_split3": SMALL_CONFIGS["triton"]._replace(time_splits=3, prefetch_bc=False),
 }
 
 # name, (batch, L, E, N, G), dtype, options
