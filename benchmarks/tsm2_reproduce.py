@@ -140,8 +140,15 @@ def job_config(job: dict, quick: bool):
         config.model.update(d_model=8, num_layers=1, state_dim=4, scan_impl="sequential")
         config.train.update(num_epochs=1, steps_per_epoch=3, log_every_steps=1)
         config.data.update(batch_size=8, eval_batch_size=64, max_eval_windows=64)
-    config.update_from_flattened_dict(job.get("overrides", {}))
+    # Overrides read back from the JSON lines have lists where the config holds tuples.
+    config.update_from_flattened_dict({k: _as_tuples(v)
+                                       for k, v in job.get("overrides", {}).items()})
     return config
+
+
+def _as_tuples(value):
+    """Lists (nested) -> tuples; anything else unchanged."""
+    return tuple(map(_as_tuples, value)) if isinstance(value, list) else value
 
 
 def _worker_init(cache_dir: str | None):
