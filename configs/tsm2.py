@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mmx_jax.models.tsm2 import MIXER_PARAMS
 from mmx_jax.train.config_args import parse_config_arg
 
 # Hyper-parameters per (dataset, horizon) for `paper`, chosen on the validation split only by
@@ -43,7 +44,7 @@ _D16_L1_LR1E4 = dict(d_model=16, num_layers=1, dropout=0.3, lr=1e-4, batch_size=
 _D32_L1_LR1E4 = dict(d_model=32, num_layers=1, dropout=0.3, lr=1e-4, num_epochs=10)
 _TD2_RA = dict(time_directions=2, revin_affine=True)  # the search's stage 2, "+td2_ra"
 # Stage 3, "+ls0_mlr": residual branches start as the identity, mixers at 0.1 x the lr.
-_LS0_MLR = dict(layer_scale=0.0, lr_scale_rules=((r"^\['mixer'\]", 0.1),))
+_LS0_MLR = dict(layer_scale=0.0, lr_scale_rules=((MIXER_PARAMS, 0.1),))
 PAPER_HPARAMS: dict[tuple[str, int], dict] = {
     ("etth1", 96): {**_D16_L1_N4, **_LS0_MLR}, ("etth1", 192): {**_D16_L1_LR1E4, **_LS0_MLR},
     ("etth1", 336): {**_D32_L1_LR1E4, **_LS0_MLR},

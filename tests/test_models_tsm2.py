@@ -106,6 +106,21 @@ def test_zero_layer_scale_starts_as_the_models_linear_part(rng):
     assert not np.allclose(plain(x), bare(x), atol=1e-3)  # without it the blocks do change x
 
 
+def test_mixer_params_regex_picks_the_mixer_stack_only():
+    import re  # noqa: PLC0415
+
+    from mmx_jax.models.tsm2 import MIXER_PARAMS  # noqa: PLC0415
+
+    model = create_model("tsm2", num_variates=2, seq_len=32, pred_len=8, layer_scale=0.0, **SMALL)
+    params = nnx.state(model, nnx.Param)
+    picked = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+              if re.search(MIXER_PARAMS, jax.tree_util.keystr(p))}
+    mixer = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        nnx.state(model.mixer, nnx.Param))[0]}
+    assert len(picked) == len(mixer) > 10
+    assert all(p.startswith("['mixer']") for p in picked)
+
+
 def test_training_steps_on_real_etth1_lower_the_loss(shared_data):
     from mmx_jax.data import load_forecasting
 

@@ -20,6 +20,10 @@ from mmx_jax.layers import (
     SelectiveTokenMixer,
 )
 
+# The parameter paths of the mixer layers (and their averaging weights), as
+# `optimizer.lr_scale_rules` sees them: a regex.
+MIXER_PARAMS = r"^\['mixer'\]"
+
 
 class RevIN(nnx.Module):
     """Reversible instance normalisation per variate over the time axis of (B, L, M)."""
