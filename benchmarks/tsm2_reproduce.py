@@ -74,7 +74,7 @@ def grid_for(dataset: str) -> dict[str, dict]:
 # Stage 2 of the search (added on 2026-11-24, after a CPU validation look at ETTh1 H=96 where
 # both options together lowered the validation MSE by 1.9 %): the candidate chosen by stage 1
 # at a (data set, horizon), again at seed 0 with each of these model options. The lowest
-# validation MSE over both stages wins. Its runs are named "<stage-1 choice>+<option>".
+# validation MSE over all stages wins. Its runs are named "<stage-1 choice>+<option>".
 #
 # Stage 3 (added on 2026-11-24, before any of its runs), as a second option: after the
 # closed-form linear map (benchmarks/linear_baseline.py) matched the paper's ETT numbers, and
@@ -87,7 +87,8 @@ OPTIONS = {"td2_ra": {"model.time_directions": 2, "model.revin_affine": True},
 
 
 def candidate_overrides(dataset: str, name: str) -> dict:
-    """The config overrides of a candidate, stage 1 ("d32_lr5e-4") or 2 ("d32_lr5e-4+td2_ra")."""
+    """The config overrides of a candidate: stage 1 ("d32_lr5e-4") or a stage-1 choice with
+    an option ("d32_lr5e-4+td2_ra", "d32_lr5e-4+ls0_mlr")."""
     base, _, option = name.partition("+")
     return {**grid_for(dataset)[base], **(OPTIONS[option] if option else {})}
 
@@ -102,7 +103,8 @@ def stage1_choice(dataset: str, found: dict[str, dict]) -> str | None:
 
 def follow_up(dataset: str, horizon: int, found: dict[str, dict]) -> tuple[str, list[str]]:
     """What a (data set, horizon) needs next, given its seed-0 runs by candidate name:
-    ("stage1", names missing), ("stage2", names missing) or ("final", [the winner])."""
+    ("stage1", names missing), ("stage2", option runs missing, stages 2 and 3 alike) or
+    ("final", [the winner])."""
     first = stage1_choice(dataset, found)
     if first is None:
         return "stage1", [n for n in grid_for(dataset) if n not in found]

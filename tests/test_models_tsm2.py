@@ -110,15 +110,16 @@ def test_mixer_params_regex_picks_the_mixer_stack_only():
     import re  # noqa: PLC0415
 
     from mmx_jax.models.tsm2 import MIXER_PARAMS  # noqa: PLC0415
+    from mmx_jax.train.sharding import path_str  # noqa: PLC0415
 
     model = create_model("tsm2", num_variates=2, seq_len=32, pred_len=8, layer_scale=0.0, **SMALL)
     params = nnx.state(model, nnx.Param)
-    picked = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-              if re.search(MIXER_PARAMS, jax.tree_util.keystr(p))}
-    mixer = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+    picked = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+              if re.search(MIXER_PARAMS, path_str(p))}
+    mixer = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
         nnx.state(model.mixer, nnx.Param))[0]}
     assert len(picked) == len(mixer) > 10
-    assert all(p.startswith("['mixer']") for p in picked)
+    assert all(p.startswith("mixer/") for p in picked)
 
 
 def test_training_steps_on_real_etth1_lower_the_loss(shared_data):

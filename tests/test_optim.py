@@ -68,7 +68,7 @@ def test_lr_scale_rules_scale_the_matching_updates_first_match_wins():
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
     plain = make_optimizer(optimizer_config(warmup_steps=0), total_steps=10, steps_per_epoch=5)
     scaled = make_optimizer(optimizer_config(
-        warmup_steps=0, lr_scale_rules=((r"\['mixer'\]\['w'\]", 0.0), (r"^\['mixer'\]", 0.25))),
+        warmup_steps=0, lr_scale_rules=((r"mixer/w", 0.0), (r"^mixer/", 0.25))),
         total_steps=10, steps_per_epoch=5)
     want, _ = plain.update(grads, plain.init(params), params)
     got, _ = scaled.update(grads, scaled.init(params), params)
@@ -82,3 +82,4 @@ def test_lr_scale_rule_that_is_not_a_pair_is_named():
     with pytest.raises(ValueError, match="lr_scale_rules entry"):
         make_optimizer(optimizer_config(lr_scale_rules=(("mixer",),)), total_steps=4,
                        steps_per_epoch=2)
+

@@ -20,9 +20,10 @@ from mmx_jax.layers import (
     SelectiveTokenMixer,
 )
 
-# The parameter paths of the mixer layers (and their averaging weights), as
-# `optimizer.lr_scale_rules` sees them: a regex.
-MIXER_PARAMS = r"^\['mixer'\]"
+# The parameter paths of the mixer layers (and their averaging weights) for
+# `optimizer.lr_scale_rules`: a regex on the model's parameter paths as `path_str` writes them
+# ("mixer/token_blocks/0/..."; the syntax of `sharding.rules`, whose paths start at the state).
+MIXER_PARAMS = r"^mixer/"
 
 
 class RevIN(nnx.Module):

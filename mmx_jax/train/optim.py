@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmx_jax.train.sharding import path_str
+
 SCHEDULE_CLOCKS = ("steps", "time")
 
 
@@ -54,8 +56,9 @@ def scale_by_schedule_at(schedule: optax.Schedule) -> optax.GradientTransformati
 
 def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
     """Multiplies the update of each parameter by the factor of the first rule whose regex
-    matches its path (`jax.tree_util.keystr`, e.g. "['mixer']['token_blocks'][0]..."); the
-    others are left alone. A learning-rate multiplier per parameter group."""
+    matches its path, written as for the sharding rules (`path_str`, relative to the updated
+    tree, e.g. "mixer/token_blocks/0/norm/scale/value"); the others are left alone. A
+    learning-rate multiplier per parameter group."""
     compiled = []
     for rule in rules:
         if len(rule) != 2:
@@ -63,7 +66,7 @@ def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransform
         compiled.append((re.compile(rule[0]), float(rule[1])))
 
     def factor(path) -> float:
-        name = jax.tree_util.keystr(path)
+        name = path_str(path)
         return next((f for pattern, f in compiled if pattern.search(name)), 1.0)
 
     def update_fn(updates, state, params=None):
