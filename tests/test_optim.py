@@ -83,3 +83,11 @@ def test_lr_scale_rule_that_is_not_a_pair_is_named():
         make_optimizer(optimizer_config(lr_scale_rules=(("mixer",),)), total_steps=4,
                        steps_per_epoch=2)
 
+
+def test_lr_scale_rule_that_matches_nothing_is_named():
+    params = {"head": {"w": jnp.ones((2,))}}
+    tx = make_optimizer(optimizer_config(lr_scale_rules=((r"^mixer/", 0.1),)), total_steps=4,
+                        steps_per_epoch=2)
+    with pytest.raises(ValueError, match=r"\('\^mixer/', 0\.1\) matches no parameter; paths "
+                                         r"look like 'head/w'"):
+        tx.init(params)

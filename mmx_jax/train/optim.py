@@ -58,7 +58,8 @@ def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransform
     """Multiplies the update of each parameter by the factor of the first rule whose regex
     matches its path, written as for the sharding rules (`path_str`, relative to the updated
     tree, e.g. "mixer/token_blocks/0/norm/scale/value"); the others are left alone. A
-    learning-rate multiplier per parameter group."""
+    learning-rate multiplier per parameter group. A rule that matches no parameter is an
+    error (at init), not a silent no-op."""
     compiled = []
     for rule in rules:
         if len(rule) != 2:
@@ -69,13 +70,21 @@ def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransform
         name = path_str(path)
         return next((f for pattern, f in compiled if pattern.search(name)), 1.0)
 
+    def init_fn(params):
+        names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        for (pattern, _), rule in zip(compiled, rules, strict=True):
+            if not any(pattern.search(n) for n in names):  # a typo would silently do nothing
+                raise ValueError(f"optimizer.lr_scale_rules entry {tuple(rule)!r} matches no "
+                                 f"parameter; paths look like {names[0]!r}")
+        return optax.EmptyState()
+
     def update_fn(updates, state, params=None):
         del params
         return jax.tree_util.tree_map_with_path(
             lambda path, u: u if (f := factor(path)) == 1.0 else (f * u).astype(u.dtype),
             updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def time_clocked(config) -> bool:
