@@ -101,6 +101,9 @@ class TritonConfig(NamedTuple):
     # Segments of the time axis scanned by separate programs (module docstring); 1: one
     # program walks the whole sequence; 0 (the default): `auto_time_splits` picks.
     time_splits: int = 0
+    # The state and adjoint updates as one fma.rn.f32 per element (inline PTX; compiled only):
+    # the Triton pipeline otherwise keeps a * h + b as a separate multiply and add.
+    fused_fma: bool = True
 
 
 def auto_time_splits(programs: int, length: int, interval: int) -> int:
@@ -185,10 +188,26 @@ def _exp2(x, fast: bool):
     return jnp.exp2(x)
 
 
-def _advance(h, dt, u, bv, a2, fast: bool):
+def _fma(a, b, c, fused: bool):
+    """a * b + c, as one fma.rn.f32 per element if `fused`."""
+    if fused:
+        [y] = plgpu.elementwise_inline_asm(
+            "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)])
+        return y
+    return a * b + c
+
+
+def _tile_args(col, row):
+    """(N,) and (block_e,) vectors broadcast to two (N, block_e) tiles (for `_fma`)."""
+    shape = (col.shape[0], row.shape[0])
+    return jnp.broadcast_to(col[:, None], shape), jnp.broadcast_to(row[None, :], shape)
+
+
+def _advance(h, dt, u, bv, a2, fast: bool, fused: bool = False):
     """One scan step h <- exp(dt A) h + dt u B; returns the new state and exp(dt A)."""
     a = _exp2(dt[None, :] * a2, fast)
-    return a * h + (dt * u)[None, :] * bv[:, None], a
+    return _fma(a, h, (dt * u)[None, :] * bv[:, None], fused), a
 
 
 class _Program:
@@ -341,6 +360,7 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
         refs, (True, True, True, True, opts.has_bias))
     p = _Program(d, opts.reverse, segments=d.time_splits - 1)
     fast = cfg.fast_exp2 and not interpret
+    fused = cfg.fused_fma and not interpret
     a2 = p.tile(a2_ref)
     bias = p.vec(bias_ref) if bias_ref is not None else None
     unroll = cfg.fwd_unroll
@@ -360,7 +380,7 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
                else [p.state_row(b_ref, t, v) for t, v in times])
         for (_, valid), (u, dt_raw, *_), bv in zip(times, rows, bvs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h, _ = _advance(h, dt, u, bv, a2, fast)
+            h, _ = _advance(h, dt, u, bv, a2, fast, fused)
             sum_dt = sum_dt + dt
         return h, sum_dt
 
@@ -381,6 +401,7 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     y_ref, hlast_ref, ck_ref = outs
     p = _Program(d, opts.reverse)
     fast = cfg.fast_exp2 and not interpret
+    fused = cfg.fused_fma and not interpret
     a2 = p.tile(a2_ref)  # A * log2(e), (N_pad, block_e)
     dvec = p.vec(d_ref) if d_ref is not None else None
     bias = p.vec(bias_ref) if bias_ref is not None else None
@@ -409,7 +430,7 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         bcs = [r[3] for r in rows] if ahead else [load_bc(t, v) for t, v in times]
         for (t, valid), (u, dt_raw, z, *_), (bv, cv) in zip(times, rows, bcs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h, _ = _advance(h, dt, u, bv, a2, fast)
+            h, _ = _advance(h, dt, u, bv, a2, fast, fused)
             y = jnp.sum(h * cv[:, None], axis=0)
             if dvec is not None:
                 y = y + dvec * u
@@ -478,6 +499,7 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
         refs, (True, True, True, opts.has_z, opts.has_bias, True))
     p = _Program(d, opts.reverse, segments=d.time_splits - 1, first_segment=1)
     fast = cfg.fast_exp2 and not interpret
+    fused = cfg.fused_fma and not interpret
     a2 = p.tile(a2_ref)
     bias = p.vec(bias_ref) if bias_ref is not None else None
     unroll = cfg.fwd_unroll
@@ -501,7 +523,7 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
             if z is not None:
                 dy = dy * z * sigmoid(z)  # the gate's share of dy, as in the backward kernel
-            g = g_next + cv[:, None] * dy[None, :]
+            g = _fma(*_tile_args(cv, dy), g_next, fused)
             g_next = _exp2(dt[None, :] * a2, fast) * g
             sum_dt = sum_dt + dt
         return g_next, sum_dt
@@ -525,6 +547,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         split_refs(outs, oflags))
     p = _Program(d, opts.reverse)
     fast = cfg.fast_exp2 and not interpret
+    fused = cfg.fused_fma and not interpret
     unroll = cfg.bwd_unroll
     n_sub = d.interval // unroll
     a2 = p.tile(a2_ref)
@@ -553,7 +576,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         plgpu.store(p.scratch_ref(sub_ref, slot, j), h)
         for (_, valid), (u, dt_raw, _, _), bv in zip(times, rows, bvs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h, _ = _advance(h, dt, u, bv, a2, fast)
+            h, _ = _advance(h, dt, u, bv, a2, fast, fused)
         return h
 
     def sub_backward(q, j, carry, rows):  # pass 2: one sub-chunk, its steps in reverse
@@ -565,7 +588,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         hs, steps = [h], []
         for (_, valid), (u, dt_raw, _, _), (bv, _) in zip(times, rows, bcs, strict=True):
             dt, slope = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h, a = _advance(hs[-1], dt, u, bv, a2, fast)
+            h, a = _advance(hs[-1], dt, u, bv, a2, fast, fused)
             hs.append(h)
             steps.append((dt, slope, a if cfg.keep_decay else None))
         for i in reversed(range(unroll)):
@@ -579,12 +602,12 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
                     y_core = y_core + dvec * u
                 p.put_row(dz_ref, t, valid, dy * y_core * sz * (1.0 + z * (1.0 - sz)))
                 dy = dy * z * sz
-            g = g_next + cv[:, None] * dy[None, :]
+            g = _fma(*_tile_args(cv, dy), g_next, fused)
             if a is None:
                 a = _exp2(dt[None, :] * a2, fast)
             ah = a * h_prev  # = h - dt u B
             g_next = a * g
-            da = da + g * ah * dt[None, :]
+            da = _fma(g * ah, jnp.broadcast_to(dt[None, :], g.shape), da, fused)
             s1 = jnp.sum(g * bv[:, None], axis=0)
             s2 = jnp.sum(g * a_nat * ah, axis=0)
             du = dt * s1
