@@ -2,10 +2,12 @@
 
 Grid (channel blocks, batch), or (batch, channel blocks) when the batch (times the time
 splits below) exceeds the grid's y limit. A program owns `block_e` channels of one batch row
-(within one B/C group) and keeps their state as an (N, block_e) tile, one channel per thread,
-so the output's sum over N stays inside a thread. It walks the sequence in chunks of `fwd_unroll`
-steps unrolled in Python: the loads of a chunk do not depend on the state, so they are issued
-together and the memory latency is paid once per chunk instead of once per step.
+(within one B/C group) and keeps their state as an (N, block_e) tile. Triton chooses the
+tile's layout: at N = 16 and 32 channels on one warp it gives each thread 4 states of 4
+channels (notes/kernels.md, v5), so the output's sum over N is 2 shuffle levels. It walks the
+sequence in chunks of `fwd_unroll` steps unrolled in Python: the loads of a chunk do not
+depend on the state, so they are issued together and the memory latency is paid once per
+chunk instead of once per step.
 
 Forward: saves the state at every checkpoint interval of K steps (b, L/K, N, E), plus the
 output and the final state.
@@ -80,7 +82,7 @@ MAX_TIME_SPLITS = 16
 class TritonConfig(NamedTuple):
     """Static tuning of the Triton kernels (all block sizes powers of two)."""
 
-    block_e: int = 32  # channels per forward program (32 * fwd_warps: one per thread)
+    block_e: int = 32  # channels per forward program (32 per warp)
     fwd_warps: int = 1
     fwd_unroll: int = 4  # steps unrolled per loop iteration in the forward (and the summaries)
     bwd_block_e: int = 32
