@@ -26,14 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.tsm2_reproduce import HORIZONS, PAPER_MSE  # noqa: E402
 from mmx_jax.data.forecasting import ForecastingSplit, load_forecasting  # noqa: E402
 
-HORIZONS = (96, 192, 336, 720)
-PAPER_MSE = {  # SPEC section 6 (the paper's v1 Table 5)
-    "etth1": (0.375, 0.398, 0.419, 0.422), "etth2": (0.253, 0.334, 0.347, 0.401),
-    "ettm1": (0.322, 0.349, 0.366, 0.407), "ettm2": (0.173, 0.230, 0.279, 0.388),
-    "weather": (0.161, 0.208, 0.252, 0.337), "exchange_rate": (0.163, 0.229, 0.383, 0.999),
-}
 RIDGE = (0.0, 0.01, 0.1, 1.0)
 
 

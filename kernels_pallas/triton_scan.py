@@ -181,23 +181,21 @@ def _dims(args: Normalised, block_e: int, cfg: TritonConfig) -> _Dims:
                  k, splits * seg_intervals, splits, seg_intervals, batch_major)
 
 
+def _ptx(instruction: str, *args):
+    """One f32 PTX `instruction` per element, on operands $1..$n of the same shape."""
+    [y] = plgpu.elementwise_inline_asm(
+        instruction, args=list(args), constraints=",".join(["=f"] + ["f"] * len(args)),
+        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)])
+    return y
+
+
 def _exp2(x, fast: bool):
-    if fast:
-        [y] = plgpu.elementwise_inline_asm(
-            "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
-        return y
-    return jnp.exp2(x)
+    return _ptx("ex2.approx.ftz.f32 $0, $1;", x) if fast else jnp.exp2(x)
 
 
 def _fma(a, b, c, fused: bool):
     """a * b + c, as one fma.rn.f32 per element if `fused`."""
-    if fused:
-        [y] = plgpu.elementwise_inline_asm(
-            "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)])
-        return y
-    return a * b + c
+    return _ptx("fma.rn.f32 $0, $1, $2, $3;", a, b, c) if fused else a * b + c
 
 
 def _tile_args(col, row):
@@ -206,7 +204,7 @@ def _tile_args(col, row):
     return jnp.broadcast_to(col[:, None], shape), jnp.broadcast_to(row[None, :], shape)
 
 
-def _advance(h, dt, u, bv, a2, fast: bool, fused: bool = False):
+def _advance(h, dt, u, bv, a2, fast: bool, fused: bool):
     """One scan step h <- exp(dt A) h + dt u B; returns the new state and exp(dt A)."""
     a = _exp2(dt[None, :] * a2, fast)
     return _fma(a, h, (dt * u)[None, :] * bv[:, None], fused), a
