@@ -106,10 +106,6 @@ class TritonConfig(NamedTuple):
     # The state and adjoint updates as one fma.rn.f32 per element (inline PTX; compiled only):
     # the Triton pipeline otherwise keeps a * h + b as a separate multiply and add.
     fused_fma: bool = True
-    # The forward (and its summary) hold the state as N separate (block_e,) rows instead of
-    # one (N, block_e) tile (`_RowState`): each thread then owns whole channels, B_t and C_t
-    # are scalars, and y's sum over N is a chain of multiply-adds with no shuffles.
-    state_rows: bool = False
 
 
 def auto_time_splits(programs: int, length: int, interval: int) -> int:
@@ -212,83 +208,6 @@ def _advance(h, dt, u, bv, a2, fast: bool, fused: bool):
     """One scan step h <- exp(dt A) h + dt u B; returns the new state and exp(dt A)."""
     a = _exp2(dt[None, :] * a2, fast)
     return _fma(a, h, (dt * u)[None, :] * bv[:, None], fused), a
-
-
-class _TileState:
-    """The forward's state as one (N_pad, block_e) tile; B_t and C_t as (N_pad,) rows."""
-
-    def __init__(self, p: _Program, fast: bool, fused: bool):
-        self.p, self.fast, self.fused = p, fast, fused
-
-    def zeros(self):
-        return jnp.zeros((self.p.d.state_pad, self.p.d.block_e), jnp.float32)
-
-    def load(self, ref, *lead):
-        """The state (or A log2(e)) from a (..., N, E) array."""
-        return self.p.tile(ref, *lead)
-
-    def store(self, ref, h, *lead, when=None):
-        self.p.put_tile(ref, h, *lead, when=when)
-
-    def coeffs(self, ref, t, valid):
-        """B_t or C_t of a (b, L, G, N) array."""
-        return self.p.state_row(ref, t, valid)
-
-    def advance(self, h, dt, u, bv, a2):
-        return _advance(h, dt, u, bv, a2, self.fast, self.fused)[0]
-
-    def output(self, h, cv):
-        """sum_n C_t[n] h[n], (block_e,)."""
-        return jnp.sum(h * cv[:, None], axis=0)
-
-
-class _RowState(_TileState):
-    """The forward's state as N (block_e,) rows, a tuple; B_t and C_t as N scalars.
-
-    A (block_e,) row on one warp puts whole channels on each thread, so the work per channel
-    is done once, and sum_n C_t[n] h[n] is N multiply-adds in one thread (the tile's layout
-    needs shuffles and shared memory for it, notes/kernels.md v5). B_t and C_t are loaded as
-    scalars that every thread reads: unmasked, since a masked step has dt = 0 and leaves the
-    state as it is whatever B_t holds, and its output is not stored. (Indices along N are
-    int32 arrays: a Python int index fails in Pallas's interpret-mode load and store.)
-    """
-
-    def zeros(self):
-        return tuple(jnp.zeros((self.p.d.block_e,), jnp.float32)
-                     for _ in range(self.p.d.state))
-
-    def load(self, ref, *lead):
-        p = self.p
-        return tuple(plgpu.load(ref.at[(*lead, jnp.int32(n), p.cols)], mask=p.e_ok, other=0)
-                     .astype(jnp.float32) for n in range(p.d.state))
-
-    def store(self, ref, h, *lead, when=None):
-        p = self.p
-        mask = p.e_ok if when is None else p.e_ok & when
-        for n, row in enumerate(h):
-            plgpu.store(ref.at[(*lead, jnp.int32(n), p.cols)], row.astype(ref.dtype), mask=mask)
-
-    def coeffs(self, ref, t, valid):
-        p = self.p
-        return tuple(plgpu.load(ref.at[p.bi, t, p.group, jnp.int32(n)]).astype(jnp.float32)
-                     for n in range(p.d.state))
-
-    def advance(self, h, dt, u, bv, a2):
-        dtu = dt * u
-        return tuple(_fma(_exp2(dt * a2_n, self.fast), h_n, dtu * b_n, self.fused)
-                     for h_n, a2_n, b_n in zip(h, a2, bv, strict=True))
-
-    def output(self, h, cv):
-        y = h[0] * cv[0]
-        for h_n, c_n in zip(h[1:], cv[1:], strict=True):
-            y = _fma(jnp.broadcast_to(c_n, h_n.shape), h_n, y, self.fused)
-        return y
-
-
-def _state_layout(p: _Program, cfg: TritonConfig, interpret: bool) -> _TileState:
-    """The forward's state representation of `cfg` (the backward always uses the tile)."""
-    cls = _RowState if cfg.state_rows else _TileState
-    return cls(p, cfg.fast_exp2 and not interpret, cfg.fused_fma and not interpret)
 
 
 class _Program:
@@ -440,8 +359,9 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
     (u_ref, dt_ref, a2_ref, b_ref, bias_ref), (hloc_ref, sdt_ref) = split_refs(
         refs, (True, True, True, True, opts.has_bias))
     p = _Program(d, opts.reverse, segments=d.time_splits - 1)
-    state = _state_layout(p, cfg, interpret)
-    a2 = state.load(a2_ref)
+    fast = cfg.fast_exp2 and not interpret
+    fused = cfg.fused_fma and not interpret
+    a2 = p.tile(a2_ref)
     bias = p.vec(bias_ref) if bias_ref is not None else None
     unroll = cfg.fwd_unroll
     per_interval = d.interval // unroll
@@ -450,25 +370,26 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
 
     def load(c):  # the per-channel rows of chunk c: (u, raw delta[, B]) per step
         return [(p.row(u_ref, t, valid), p.row(dt_ref, t, valid))
-                + ((state.coeffs(b_ref, t, valid),) if ahead else ())
+                + ((p.state_row(b_ref, t, valid),) if ahead else ())
                 for t, valid in (p.time(c * unroll + j) for j in range(unroll))]
 
     def chunk(c, carry, rows):
         h, sum_dt = carry
         times = [p.time(c * unroll + j) for j in range(unroll)]
         bvs = ([r[2] for r in rows] if ahead
-               else [state.coeffs(b_ref, t, v) for t, v in times])
+               else [p.state_row(b_ref, t, v) for t, v in times])
         for (_, valid), (u, dt_raw, *_), bv in zip(times, rows, bvs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h = state.advance(h, dt, u, bv, a2)
+            h, _ = _advance(h, dt, u, bv, a2, fast, fused)
             sum_dt = sum_dt + dt
         return h, sum_dt
 
     lo, hi = p.k0 * per_interval, p.k_end * per_interval
-    zeros = (state.zeros(), jnp.zeros((d.block_e,), jnp.float32))
+    zeros = (jnp.zeros((d.state_pad, d.block_e), jnp.float32),
+             jnp.zeros((d.block_e,), jnp.float32))
     (h, sum_dt), _ = _row_loop(lo, hi, load, chunk, zeros,
                                load(lo) if cfg.prefetch else None, cfg.prefetch)
-    state.store(hloc_ref, h, p.slot)
+    p.put_tile(hloc_ref, h, p.slot)
     p.put_vec(sdt_ref, sum_dt, p.slot)
 
 
@@ -479,19 +400,21 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         refs, flags)
     y_ref, hlast_ref, ck_ref = outs
     p = _Program(d, opts.reverse)
-    state = _state_layout(p, cfg, interpret)
-    a2 = state.load(a2_ref)  # A * log2(e)
+    fast = cfg.fast_exp2 and not interpret
+    fused = cfg.fused_fma and not interpret
+    a2 = p.tile(a2_ref)  # A * log2(e), (N_pad, block_e)
     dvec = p.vec(d_ref) if d_ref is not None else None
     bias = p.vec(bias_ref) if bias_ref is not None else None
     # The state at the segment start: h0's row, or with time splits (b * S, N, E) of them.
-    h = state.load(h0_ref, p.slot) if h0_ref is not None else state.zeros()
+    h = (p.tile(h0_ref, p.slot) if h0_ref is not None
+         else jnp.zeros((d.state_pad, d.block_e), jnp.float32))
     unroll = cfg.fwd_unroll
     per_interval = d.interval // unroll
 
     ahead = cfg.prefetch and cfg.prefetch_bc
 
     def load_bc(t, valid):
-        return state.coeffs(b_ref, t, valid), state.coeffs(c_ref, t, valid)
+        return p.state_row(b_ref, t, valid), p.state_row(c_ref, t, valid)
 
     def load(c):  # the per-channel rows of chunk c: (u, raw delta, z[, (B, C)]) per step
         rows = []
@@ -507,8 +430,8 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         bcs = [r[3] for r in rows] if ahead else [load_bc(t, v) for t, v in times]
         for (t, valid), (u, dt_raw, z, *_), (bv, cv) in zip(times, rows, bcs, strict=True):
             dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
-            h = state.advance(h, dt, u, bv, a2)
-            y = state.output(h, cv)
+            h, _ = _advance(h, dt, u, bv, a2, fast, fused)
+            y = jnp.sum(h * cv[:, None], axis=0)
             if dvec is not None:
                 y = y + dvec * u
             if z is not None:
@@ -518,13 +441,13 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
 
     def interval(k, carry):
         h, rows = carry
-        state.store(ck_ref, h, p.bi, k)  # the state at each checkpoint-interval start
+        p.put_tile(ck_ref, h, p.bi, k)  # the state at each checkpoint-interval start
         return _row_loop(k * per_interval, (k + 1) * per_interval, load, chunk, h, rows,
                          cfg.prefetch)
 
     rows = load(p.k0 * per_interval) if cfg.prefetch else None
     h, _ = jax.lax.fori_loop(p.k0, p.k_end, interval, (h, rows))
-    state.store(hlast_ref, h, p.bi, when=p.is_last)
+    p.put_tile(hlast_ref, h, p.bi, when=p.is_last)
 
 
 def _segment_starts(opts: Options, args: Normalised, d: _Dims, a2t, h0t):

@@ -45,8 +45,6 @@ TIME_SPLIT_CONFIGS = {
     "triton_split2": SMALL_CONFIGS["triton"]._replace(time_splits=2),
     # (with B and C loaded in their own chunk, not a chunk ahead, in the forward and summary)
     "triton_split3": SMALL_CONFIGS["triton"]._replace(time_splits=3, prefetch_bc=False),
-    # The forward's state as N rows instead of one tile (its summary kernel too).
-    "triton_rows": SMALL_CONFIGS["triton"]._replace(state_rows=True, time_splits=2),
 }
 
 # name, (batch, L, E, N, G), dtype, options
@@ -372,8 +370,7 @@ def test_triton_modules_verify(rng, monkeypatch):
     configs = (TritonConfig(time_splits=1), SMALL_CONFIGS["triton"],
                TritonConfig(prefetch=False, time_splits=1),
                TritonConfig(time_splits=2), TIME_SPLIT_CONFIGS["triton_split3"],
-               TritonConfig(time_splits=2, prefetch=False, batch_major=True),
-               TritonConfig(time_splits=2, state_rows=True))
+               TritonConfig(time_splits=2, prefetch=False, batch_major=True))
     for config in configs:
         args, kw = make_case(rng, (2, 37, 48, 5, 2), "bfloat16",
                              dict(D=True, z=True, bias=True, softplus=True, reverse=True,
@@ -395,7 +392,7 @@ def test_triton_modules_verify(rng, monkeypatch):
     whole, split = ["selective_scan_fwd", "selective_scan_bwd"], [
         "selective_scan_fwd_summary", "selective_scan_fwd", "selective_scan_bwd_summary",
         "selective_scan_bwd"]
-    assert names == whole * 3 + split * 4, names
+    assert names == whole * 3 + split * 3, names
     for module in modules:
         with module.context:
             assert module.operation.verify()
@@ -410,11 +407,11 @@ on_gpu = pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"), reason
 @pytest.mark.gpu
 @on_gpu
 @pytest.mark.parametrize("name,shape,dtype,opts", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("config", ["default", "small", "other_state_layout"])
+@pytest.mark.parametrize("config", ["default", "small"])
 def test_gpu_matches_references(rng, name, shape, dtype, opts, config):
-    configs = {"default": None, "small": SMALL_CONFIGS["triton"],
-               "other_state_layout": TritonConfig(state_rows=not TritonConfig().state_rows)}
-    check_case(rng, "triton", shape, dtype, opts, config=configs[config], interpret=False)
+    check_case(rng, "triton", shape, dtype, opts,
+               config=None if config == "default" else SMALL_CONFIGS["triton"],
+               interpret=False)
 
 
 @pytest.mark.gpu
