@@ -49,6 +49,7 @@ two with masked zero rows.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -67,6 +68,7 @@ from kernels_pallas.scan_vjp import (
     step_size,
 )
 
+LN2 = math.log(2.0)
 MAX_STATE = 64  # larger N would not fit in registers as one tile
 
 
@@ -106,6 +108,10 @@ class TritonConfig(NamedTuple):
     # The state and adjoint updates as one fma.rn.f32 per element (inline PTX; compiled only):
     # the Triton pipeline otherwise keeps a * h + b as a separate multiply and add.
     fused_fma: bool = True
+    # softplus(x) = log1p(e^x) and its slope sigmoid(x) = e^x / (1 + e^x) from one ex2, one lg2
+    # and one rcp approximation (`_softplus`) instead of libdevice's expf, log1pf and division:
+    # the per-channel work of every step of every kernel.
+    fast_softplus: bool = True
 
 
 def auto_time_splits(programs: int, length: int, interval: int) -> int:
@@ -191,6 +197,33 @@ def _ptx(instruction: str, *args):
 
 def _exp2(x, fast: bool):
     return _ptx("ex2.approx.ftz.f32 $0, $1;", x) if fast else jnp.exp2(x)
+
+
+def _lg2(x, fast: bool):
+    return _ptx("lg2.approx.ftz.f32 $0, $1;", x) if fast else jnp.log2(x)
+
+
+def _rcp(x, fast: bool):
+    return _ptx("rcp.approx.ftz.f32 $0, $1;", x) if fast else 1.0 / x
+
+
+def _softplus(x, fast: bool):
+    """(softplus(x), sigmoid(x)) from y = e^x: log1p(y) as log(u) y / (u - 1) with u = 1 + y
+    rounded, which is exact to a few ulp where a plain log(u) loses y's low bits (Goldberg's
+    formula), and sigmoid(x) = y / u. Above 20, softplus(x) = x as in `scan_vjp.softplus`."""
+    y = _exp2(jnp.minimum(x, 20.0) * LOG2E, fast)
+    u = 1.0 + y
+    den = u - 1.0
+    log1p = jnp.where(den == 0.0, y, _lg2(u, fast) * LN2 * y * _rcp(den, fast))
+    return jnp.where(x > 20.0, x, log1p), y * _rcp(u, fast)
+
+
+def _step_size(dt_raw, bias, opts: Options, keep, cfg: TritonConfig, fast: bool):
+    """`scan_vjp.step_size`, with `_softplus` if `cfg.fast_softplus` (its PTX if `fast`)."""
+    if not (cfg.fast_softplus and opts.delta_softplus):
+        return step_size(dt_raw, bias, opts, keep)
+    dt, slope = _softplus(dt_raw + bias if bias is not None else dt_raw, fast)
+    return jnp.where(keep, dt, 0.0), slope
 
 
 def _fma(a, b, c, fused: bool):
@@ -379,7 +412,7 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
         bvs = ([r[2] for r in rows] if ahead
                else [p.state_row(b_ref, t, v) for t, v in times])
         for (_, valid), (u, dt_raw, *_), bv in zip(times, rows, bvs, strict=True):
-            dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
+            dt, _ = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             h, _ = _advance(h, dt, u, bv, a2, fast, fused)
             sum_dt = sum_dt + dt
         return h, sum_dt
@@ -429,7 +462,7 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         times = [p.time(c * unroll + j) for j in range(unroll)]
         bcs = [r[3] for r in rows] if ahead else [load_bc(t, v) for t, v in times]
         for (t, valid), (u, dt_raw, z, *_), (bv, cv) in zip(times, rows, bcs, strict=True):
-            dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
+            dt, _ = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             h, _ = _advance(h, dt, u, bv, a2, fast, fused)
             y = jnp.sum(h * cv[:, None], axis=0)
             if dvec is not None:
@@ -520,7 +553,7 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
         cvs = [p.state_row(c_ref, t, v) for t, v in times]
         for j in reversed(range(unroll)):
             (_, valid), (dt_raw, dy, z), cv = times[j], rows[j], cvs[j]
-            dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
+            dt, _ = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             if z is not None:
                 dy = dy * z * sigmoid(z)  # the gate's share of dy, as in the backward kernel
             g = _fma(*_tile_args(cv, dy), g_next, fused)
@@ -575,7 +608,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         bvs = [p.state_row(b_ref, t, v) for t, v in times]
         plgpu.store(p.scratch_ref(sub_ref, slot, j), h)
         for (_, valid), (u, dt_raw, _, _), bv in zip(times, rows, bvs, strict=True):
-            dt, _ = step_size(dt_raw, bias, opts, p.e_ok & valid)
+            dt, _ = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             h, _ = _advance(h, dt, u, bv, a2, fast, fused)
         return h
 
@@ -587,7 +620,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
              else p.tile(ck_ref, p.bi, q))
         hs, steps = [h], []
         for (_, valid), (u, dt_raw, _, _), (bv, _) in zip(times, rows, bcs, strict=True):
-            dt, slope = step_size(dt_raw, bias, opts, p.e_ok & valid)
+            dt, slope = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             h, a = _advance(hs[-1], dt, u, bv, a2, fast, fused)
             hs.append(h)
             steps.append((dt, slope, a if cfg.keep_decay else None))

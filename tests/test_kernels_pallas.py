@@ -18,7 +18,7 @@ import pytest
 
 import kernels_pallas
 from kernels_pallas.mosaic_scan import MosaicConfig
-from kernels_pallas.triton_scan import TritonConfig, auto_time_splits
+from kernels_pallas.triton_scan import TritonConfig, _softplus, auto_time_splits
 from mmx_jax.ssm import selective_scan, selective_scan_sequential
 
 
@@ -240,6 +240,18 @@ def test_dispatcher_pallas_on_cpu(rng):
     assert rel_err(y, ref) < 2e-5
     from mmx_jax.ssm import resolve_impl  # noqa: PLC0415
     assert resolve_impl("auto") == "associative"
+
+
+def test_fast_softplus_formula_matches_float64():
+    """The Triton kernels' softplus and sigmoid (`fast_softplus`; jnp stands in for the PTX
+    approximations here) stay within float32 rounding of float64, also where e^x is far below
+    float32's epsilon relative to 1 and a plain log(1 + e^x) would lose it."""
+    x = np.concatenate([np.linspace(-40.0, 40.0, 4001), -np.logspace(-6, 1.5, 200),
+                        np.logspace(-6, 1.5, 200), [0.0, 20.0, 20.5]]).astype(np.float32)
+    sp, sig = (np.asarray(v, np.float64) for v in _softplus(jnp.asarray(x), fast=False))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(sp, np.logaddexp(0.0, x64), rtol=2e-6, atol=0)
+    np.testing.assert_allclose(sig, 1.0 / (1.0 + np.exp(-x64)), rtol=2e-6, atol=0)
 
 
 def test_auto_time_splits():
