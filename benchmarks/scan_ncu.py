@@ -1,5 +1,5 @@
-"""Profiles the Pallas scan kernels with Nsight Compute: a target to run under `ncu`, and a
-per-time-step summary of the SASS instruction counts that `ncu` writes.
+"""Looks inside the Pallas scan kernels: Nsight Compute profiles on the GPU, and their SASS
+compiled on any machine.
 
     NCU="ncu --kernel-name-base function -k selective_scan_fwd --launch-count 1"
     PYTHONPATH=. $NCU --section LaunchStats --section Occupancy --section WarpStateStats \\
@@ -7,12 +7,22 @@ per-time-step summary of the SASS instruction counts that `ncu` writes.
     PYTHONPATH=. $NCU --section SourceCounters --page source --print-source sass --csv \\
         python benchmarks/scan_ncu.py run > sass.csv
     python benchmarks/scan_ncu.py ops sass.csv --shape 8,2048,1536,16
+    PYTHONPATH=. python benchmarks/scan_ncu.py sass --config fast_softplus=0   # no GPU needed
 
 `run` compiles the scan (forward only, or with --backward the forward and its vjp) for one
 shape, dtype and TritonConfig, and runs it twice, so the kernels `ncu` selects launch after
 compilation. `ops` reads the SASS page of `ncu --csv` and prints the warp instructions per
 time step of one 32-channel program (batch x length x E / 32 steps), by opcode: the numbers
 in notes/kernels.md (v5).
+
+`sass` needs no GPU: it lowers the scan and its vjp for CUDA on this machine (through a
+private hook of JAX's Pallas Triton lowering), compiles each kernel's Triton IR for sm_90
+with the `triton` package (`pip install triton`; its bundled ptxas and cuobjdump), and prints
+each kernel's registers, stack frame and the instructions of its shortest loop per time step
+(the loop body over the steps it unrolls: the forward's and summaries' step loop, the
+backward's recompute loop; the backward's reverse walk is not a loop of its own), by opcode.
+jaxlib compiles with its own copy of Triton, so the code can differ a little from what runs:
+the forward's 190 per step (fast_softplus=0) compare with ncu's 202 (notes/kernels.md, v6).
 """
 
 from __future__ import annotations
@@ -59,13 +69,108 @@ def cmd_ops(a):
     ops = collections.Counter()
     for r in rows[rows.index(header) + 1:]:
         if len(r) > executed and r[executed].isdigit():
-            text = re.sub(r"^@!?U?P\w+\s+", "", r[src].strip())  # drop a predicate
-            ops[text.split()[0] if text else "?"] += int(r[executed])
+            ops[_opcode(r[src])] += int(r[executed])
     b, length, e, _ = (int(v) for v in a.shape.split(","))
     steps = b * length * e / 32
     print(f"{a.csv}: {sum(ops.values()) / steps:.1f} warp instructions per step of 32 channels")
     for op, count in ops.most_common(a.top):
         print(f"  {op:28s} {count / steps:7.1f}")
+
+
+def _opcode(text: str) -> str:
+    """The opcode of one SASS instruction, without its predicate and modifiers."""
+    text = re.sub(r"^@!?U?P\w+\s+", "", text.strip())
+    return text.split()[0].split(".")[0] if text else "?"
+
+
+def innermost_loop(sass: str) -> list[str]:
+    """The instructions of the shortest backward-branching loop of one kernel's SASS listing
+    (`cuobjdump -sass`), or [] if it has none."""
+    addrs, texts = [], []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            addrs.append(int(m.group(1), 16))
+            texts.append(m.group(2))
+    index = {a: i for i, a in enumerate(addrs)}
+    loops = []
+    for i, text in enumerate(texts):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        target = int(m.group(1), 16) if m else None
+        if target is not None and target < addrs[i] and target in index:
+            loops.append(texts[index[target]:i + 1])
+    return min(loops, key=len, default=[])
+
+
+def cmd_sass(a):
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    import kernels_pallas  # noqa: PLC0415
+    from benchmarks.scan_bench import make_inputs  # noqa: PLC0415
+    try:
+        import triton  # noqa: PLC0415
+        from jax._src.pallas.triton import pallas_call_registration as registration  # noqa: PLC0415
+        from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    except ImportError as err:
+        raise SystemExit("sass needs the triton package and JAX's Pallas Triton lowering: "
+                         f"{err}") from err
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cfg = parse_config(a.config)
+    shape = tuple(int(v) for v in a.shape.split(","))
+    x = make_inputs(shape, a.dtype)
+    args = tuple(x[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
+
+    def loss(*xs):
+        y = kernels_pallas.selective_scan(*xs[:5], D=xs[5], delta_bias=xs[6],
+                                          delta_softplus=True, backend="triton",
+                                          interpret=False, config=cfg)
+        return jnp.sum(y.astype(jnp.float32))
+
+    modules, lower = [], registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        modules.append(result.module)
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(*args).lower(
+            lowering_platforms=("cuda",))
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = lower
+    print(f"shape {shape} {a.dtype}, config {a.config or 'default'}, sm_{a.arch}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for module in modules:
+            name = str(module.operation.attributes["sym_name"]).strip('"')
+            bwd = name.startswith("selective_scan_bwd") and not name.endswith("summary")
+            warps = cfg.bwd_warps if name.startswith("selective_scan_bwd") else cfg.fwd_warps
+            steps = cfg.bwd_unroll if bwd else cfg.fwd_unroll
+            path = os.path.join(tmp, f"{name}.ttir")
+            with open(path, "w") as fh:
+                fh.write(str(module))
+            kernel = triton.compile(path, target=GPUTarget("cuda", a.arch, 32),
+                                    options=dict(num_warps=warps, num_stages=cfg.num_stages))
+            cubin = os.path.join(tmp, f"{name}.cubin")
+            with open(cubin, "wb") as fh:
+                fh.write(kernel.asm["cubin"])
+            dump = lambda flag, cubin=cubin: subprocess.run(  # noqa: E731
+                [os.path.join(bin_dir, "cuobjdump"), flag, cubin], capture_output=True,
+                text=True, check=True).stdout
+            usage = dump("-res-usage")
+            regs = re.search(r"REG:(\d+)", usage)
+            stack = re.search(r"STACK:(\d+)", usage)
+            loop = innermost_loop(dump("-sass"))
+            ops = collections.Counter(_opcode(t) for t in loop)
+            print(f"{name}: {regs.group(1) if regs else '?'} registers, stack "
+                  f"{stack.group(1) if stack else '?'} bytes; innermost loop {len(loop)} "
+                  f"instructions over {steps} steps: {len(loop) / steps:.1f} per step")
+            print("   " + ", ".join(f"{op} {n / steps:.1f}" for op, n in ops.most_common(a.top)))
 
 
 def main(argv=None):
@@ -80,8 +185,14 @@ def main(argv=None):
     ops.add_argument("csv")
     ops.add_argument("--shape", default="8,2048,1536,16", help="the profiled batch,length,E,N")
     ops.add_argument("--top", type=int, default=20)
+    sass = sub.add_parser("sass", help="registers and SASS per step, compiled here (no GPU)")
+    sass.add_argument("--shape", default="8,2048,1536,16", help="batch,length,E,N")
+    sass.add_argument("--dtype", default="bfloat16")
+    sass.add_argument("--config", default="", help="TritonConfig fields, e.g. fwd_unroll=2")
+    sass.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
+    sass.add_argument("--top", type=int, default=16)
     a = ap.parse_args(argv)
-    {"run": cmd_run, "ops": cmd_ops}[a.command](a)
+    {"run": cmd_run, "ops": cmd_ops, "sass": cmd_sass}[a.command](a)
 
 
 if __name__ == "__main__":
