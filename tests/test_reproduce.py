@@ -77,6 +77,30 @@ def test_stage_two_retries_the_stage_one_choice_with_the_options(driver, monkeyp
     assert driver.winners(list(found.values())) == {("etth1", 96): "b+td2"}
 
 
+def test_stage_five_is_next_after_the_recorded_stages(driver):
+    """The search stages, in order; every (data set, horizon) of the recorded runs has stages 1
+    to 4 and needs just its stage-5 run, on its stage-1 choice, next."""
+    assert list(driver.OPTIONS) == ["td2_ra", "ls0_mlr", "ls0_mlr_d0_lr1e-3",
+                                    "ls0_mlr001_d0_lr1e-3"]
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines()]
+    found = {}
+    for r in filter(driver._is_search_run, rows):
+        found.setdefault((r["dataset"], r["horizon"]), {})[r["candidate"]] = r
+    assert set(found) == {(d, h) for d in driver.DATASETS for h in driver.HORIZONS}
+    for key, runs in found.items():
+        runs = {n: r for n, r in runs.items() if not n.endswith("+ls0_mlr001_d0_lr1e-3")}
+        first = driver.stage1_choice(key[0], runs)
+        assert driver.follow_up(*key, runs) == ("stage2", [f"{first}+ls0_mlr001_d0_lr1e-3"])
+    overrides = driver.candidate_overrides("etth1", "d32_l1_lr1e-4+ls0_mlr001_d0_lr1e-3")
+    assert overrides == {**driver.SMALL_GRID["d32_l1_lr1e-4"], "model.layer_scale": 0.0,
+                         "model.dropout": 0.0, "optimizer.lr": 1e-3,
+                         "optimizer.lr_scale_rules": ((driver.MIXER_PARAMS, 0.01),)}
+    config = driver.job_config(dict(dataset="etth1", horizon=336, seed=0, overrides=overrides),
+                               quick=False)
+    assert config.optimizer.lr_scale_rules == ((driver.MIXER_PARAMS, 0.01),)
+    assert (config.model.d_model, config.optimizer.lr, config.train.patience) == (32, 1e-3, 3)
+
+
 def test_candidates_do_not_inherit_the_recorded_choice(driver):
     # etth1's recorded choice is a one-layer model; the d64 candidate must still have two.
     job = dict(dataset="etth1", horizon=96, seed=0,
