@@ -148,9 +148,10 @@ def cmd_sass(a):
     with tempfile.TemporaryDirectory() as tmp:
         for module in modules:
             name = str(module.operation.attributes["sym_name"]).strip('"')
-            bwd = name.startswith("selective_scan_bwd") and not name.endswith("summary")
-            warps = cfg.bwd_warps if name.startswith("selective_scan_bwd") else cfg.fwd_warps
-            steps = cfg.bwd_unroll if bwd else cfg.fwd_unroll
+            backward = name.startswith("selective_scan_bwd")
+            warps = cfg.bwd_warps if backward else cfg.fwd_warps
+            # the summaries walk in the forward's chunks (triton_scan)
+            steps = cfg.bwd_unroll if backward and not name.endswith("summary") else cfg.fwd_unroll
             path = os.path.join(tmp, f"{name}.ttir")
             with open(path, "w") as fh:
                 fh.write(str(module))

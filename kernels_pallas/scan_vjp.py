@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 LOG2E = 1.0 / math.log(2.0)
+# softplus(x) is x above this (exact in float32), as in the CUDA kernels.
+SOFTPLUS_LINEAR_ABOVE = 20.0
 
 
 class Options(NamedTuple):
@@ -126,7 +128,8 @@ def make_scan(forward: Callable, backward: Callable) -> Callable:
 
 def softplus(x):
     """log(1 + exp(x)), switching to x above 20 as the CUDA kernels do (exact in float32)."""
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+    top = SOFTPLUS_LINEAR_ABOVE
+    return jnp.where(x > top, x, jnp.log1p(jnp.exp(jnp.minimum(x, top))))
 
 
 def sigmoid(x):

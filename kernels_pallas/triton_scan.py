@@ -59,6 +59,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.scan_vjp import (
     LOG2E,
+    SOFTPLUS_LINEAR_ABOVE,
     Grads,
     Normalised,
     Options,
@@ -210,12 +211,12 @@ def _rcp(x, fast: bool):
 def _softplus(x, fast: bool):
     """(softplus(x), sigmoid(x)) from y = e^x: log1p(y) as log(u) y / (u - 1) with u = 1 + y
     rounded, which is exact to a few ulp where a plain log(u) loses y's low bits (Goldberg's
-    formula), and sigmoid(x) = y / u. Above 20, softplus(x) = x as in `scan_vjp.softplus`."""
-    y = _exp2(jnp.minimum(x, 20.0) * LOG2E, fast)
+    formula), and sigmoid(x) = y / u. Linear above SOFTPLUS_LINEAR_ABOVE, as `scan_vjp.softplus`."""
+    y = _exp2(jnp.minimum(x, SOFTPLUS_LINEAR_ABOVE) * LOG2E, fast)
     u = 1.0 + y
     den = u - 1.0
     log1p = jnp.where(den == 0.0, y, _lg2(u, fast) * LN2 * y * _rcp(den, fast))
-    return jnp.where(x > 20.0, x, log1p), y * _rcp(u, fast)
+    return jnp.where(x > SOFTPLUS_LINEAR_ABOVE, x, log1p), y * _rcp(u, fast)
 
 
 def _step_size(dt_raw, bias, opts: Options, keep, cfg: TritonConfig, fast: bool):
