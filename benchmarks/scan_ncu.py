@@ -8,6 +8,7 @@ compiled on any machine.
         python benchmarks/scan_ncu.py run > sass.csv
     python benchmarks/scan_ncu.py ops sass.csv --shape 8,2048,1536,16
     PYTHONPATH=. python benchmarks/scan_ncu.py sass --config fast_softplus=0   # no GPU needed
+    PYTHONPATH=. python benchmarks/scan_ncu.py sass --barriers --keep cubins
 
 `run` compiles the scan (forward only, or with --backward the forward and its vjp) for one
 shape, dtype and TritonConfig, and runs it twice, so the kernels `ncu` selects launch after
@@ -23,6 +24,10 @@ each kernel's registers, stack frame and the instructions of its shortest loop p
 backward's recompute loop; the backward's reverse walk is not a loop of its own), by opcode.
 jaxlib compiles with its own copy of Triton, so the code can differ a little from what runs:
 the forward's 190 per step (fast_softplus=0) compare with ncu's 202 (notes/kernels.md, v6).
+With --barriers it also decodes the loop's scheduling control words and lists the waits on
+scoreboards that global loads set: where ptxas shares a load's scoreboard with a
+short-latency result, waiting for that result waits for the loads too (notes/kernels.md,
+v7). --keep saves the cubins.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import argparse
 import collections
 import csv
 import re
+from typing import NamedTuple
 
 from benchmarks.scan_bench import parse_config
 
@@ -83,27 +89,113 @@ def _opcode(text: str) -> str:
     return text.split()[0].split(".")[0] if text else "?"
 
 
+class Instruction(NamedTuple):
+    address: int
+    text: str
+    high: int | None  # the high 64 bits of its encoding (scheduling control), if listed
+
+
+def instructions(sass: str) -> list[Instruction]:
+    """The instructions of a `cuobjdump -sass` listing: each line with an address, and the
+    high word of its encoding from the line after it (a line holding only a hex comment)."""
+    lines = sass.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            nxt = re.fullmatch(r"\s*/\* 0x([0-9a-f]{16}) \*/\s*", lines[i + 1]) if (
+                i + 1 < len(lines)) else None
+            out.append(Instruction(int(m.group(1), 16), m.group(2),
+                                   int(nxt.group(1), 16) if nxt else None))
+    return out
+
+
+def _innermost(ins: list[Instruction]) -> list[Instruction]:
+    index = {x.address: i for i, x in enumerate(ins)}
+    loops = []
+    for i, x in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", x.text)
+        target = int(m.group(1), 16) if m else None
+        if target is not None and target < x.address and target in index:
+            loops.append(ins[index[target]:i + 1])
+    return min(loops, key=len, default=[])
+
+
 def innermost_loop(sass: str) -> list[str]:
     """The instructions of the shortest backward-branching loop of one kernel's SASS listing
     (`cuobjdump -sass`), or [] if it has none."""
-    addrs, texts = [], []
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if m:
-            addrs.append(int(m.group(1), 16))
-            texts.append(m.group(2))
-    index = {a: i for i, a in enumerate(addrs)}
-    loops = []
-    for i, text in enumerate(texts):
-        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        target = int(m.group(1), 16) if m else None
-        if target is not None and target < addrs[i] and target in index:
-            loops.append(texts[index[target]:i + 1])
-    return min(loops, key=len, default=[])
+    return [x.text for x in _innermost(instructions(sass))]
+
+
+NO_BARRIER = 7
+
+
+class Control(NamedTuple):
+    """The scheduling fields of an sm_70+ instruction (bits 105-125 of its 128-bit encoding,
+    41-61 of the high word; as decoded in Jia et al., "Dissecting the NVIDIA Volta GPU
+    Architecture via Microbenchmarking", 2018). A variable-latency instruction (a memory
+    load, MUFU, SHFL, ...) sets one of six scoreboards when it writes its result (`write`)
+    or has read its sources (`read`); a later instruction waits for every scoreboard in its
+    `wait` mask to clear."""
+
+    stall: int
+    yield_: bool
+    write: int  # 0-5, or NO_BARRIER
+    read: int
+    wait: int  # bit b: waits on scoreboard b
+
+
+def control(high: int) -> Control:
+    return Control(stall=high >> 41 & 15, yield_=bool(high >> 45 & 1), write=high >> 46 & 7,
+                   read=high >> 49 & 7, wait=high >> 52 & 63)
+
+
+class LoadWait(NamedTuple):
+    text: str  # the waiting instruction
+    loads: int  # global loads it waits for (on the scoreboards it waits on)
+    others: tuple[str, ...]  # other producers on those scoreboards (the result it wants)
+    distance: int  # instructions since the latest of those loads was issued
+
+
+def load_waits(loop: list[Instruction]) -> list[LoadWait]:
+    """The instructions of a loop body that wait on a scoreboard a global load (LDG) has set.
+    The body is walked twice, as the loop runs, so loads issued late in one iteration are
+    pending at the top of the next; the second walk is reported. A wait whose scoreboard also
+    covers another producer (`others`) stalls for the loads while it only needs that other
+    result: ptxas has six scoreboards and shares them when more are in flight."""
+    if any(x.high is None for x in loop):
+        raise ValueError("the listing has no control words (cuobjdump -sass prints them)")
+    pending: dict[int, list[tuple[str, int]]] = {b: [] for b in range(6)}
+    found = []
+    for step, x in enumerate(loop + loop):
+        c = control(x.high)
+        waited = [b for b in range(6) if c.wait >> b & 1]
+        producers = [pr for b in waited for pr in pending[b]]
+        loads = [at for op, at in producers if op == "LDG"]
+        if step >= len(loop) and loads:
+            found.append(LoadWait(x.text, len(loads), tuple(op for op, _ in producers
+                                                             if op != "LDG"),
+                                  step - max(loads)))
+        for b in waited:
+            pending[b] = []
+        if c.write != NO_BARRIER:
+            pending[c.write].append((_opcode(x.text), step))
+    return found
+
+
+def print_load_waits(body: list[Instruction]):
+    loads = [x for x in body if _opcode(x.text) == "LDG"]
+    boards = sorted({control(x.high).write for x in loads} - {NO_BARRIER})
+    print(f"   {len(loads)} global loads on scoreboards {boards}; waits on them:")
+    for w in load_waits(body):
+        shared = f", shared with {', '.join(sorted(set(w.others)))}" if w.others else ""
+        print(f"     {w.text:44s} {w.loads:2d} loads, {w.distance:3d} instructions after the "
+              f"last{shared}")
 
 
 def cmd_sass(a):
     import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
@@ -160,18 +252,23 @@ def cmd_sass(a):
             cubin = os.path.join(tmp, f"{name}.cubin")
             with open(cubin, "wb") as fh:
                 fh.write(kernel.asm["cubin"])
+            if a.keep:
+                os.makedirs(a.keep, exist_ok=True)
+                shutil.copy(cubin, a.keep)
             dump = lambda flag, cubin=cubin: subprocess.run(  # noqa: E731
                 [os.path.join(bin_dir, "cuobjdump"), flag, cubin], capture_output=True,
                 text=True, check=True).stdout
             usage = dump("-res-usage")
             regs = re.search(r"REG:(\d+)", usage)
             stack = re.search(r"STACK:(\d+)", usage)
-            loop = innermost_loop(dump("-sass"))
-            ops = collections.Counter(_opcode(t) for t in loop)
+            body = _innermost(instructions(dump("-sass")))
+            ops = collections.Counter(_opcode(x.text) for x in body)
             print(f"{name}: {regs.group(1) if regs else '?'} registers, stack "
-                  f"{stack.group(1) if stack else '?'} bytes; innermost loop {len(loop)} "
-                  f"instructions over {steps} steps: {len(loop) / steps:.1f} per step")
+                  f"{stack.group(1) if stack else '?'} bytes; innermost loop {len(body)} "
+                  f"instructions over {steps} steps: {len(body) / steps:.1f} per step")
             print("   " + ", ".join(f"{op} {n / steps:.1f}" for op, n in ops.most_common(a.top)))
+            if a.barriers:
+                print_load_waits(body)
 
 
 def main(argv=None):
@@ -192,6 +289,9 @@ def main(argv=None):
     sass.add_argument("--config", default="", help="TritonConfig fields, e.g. fwd_unroll=2")
     sass.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
     sass.add_argument("--top", type=int, default=16)
+    sass.add_argument("--keep", default="", help="a folder to keep the compiled cubins in")
+    sass.add_argument("--barriers", action="store_true",
+                      help="list the loop's waits on scoreboards that global loads set")
     a = ap.parse_args(argv)
     {"run": cmd_run, "ops": cmd_ops, "sass": cmd_sass}[a.command](a)
 

@@ -1,6 +1,15 @@
 """The SASS helpers of benchmarks/scan_ncu.py on a hand-written listing."""
 
-from benchmarks.scan_ncu import _opcode, innermost_loop
+import pytest
+
+from benchmarks.scan_ncu import (
+    NO_BARRIER,
+    _opcode,
+    control,
+    innermost_loop,
+    instructions,
+    load_waits,
+)
 
 LISTING = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;          /* 0x00000a0000017a02 */
@@ -30,3 +39,71 @@ def test_opcode_drops_predicate_and_modifiers():
 def test_no_loop_gives_nothing():
     assert innermost_loop(LISTING.replace("BRA 0x20", "BRA 0x80").replace(
         "BRA 0x10", "BRA 0x80")) == []
+
+
+def test_control_words_of_real_sm90_code_pair_results_and_sources_with_their_waits():
+    # Instructions as cuobjdump prints them for a kernel compiled by ptxas for sm_90. MUFU
+    # writes R94 and reads R44 asynchronously: the MOV that overwrites R44 must wait until
+    # R44 was read, the FADD that reads R94 until R94 was written; the LDG then reuses the
+    # scoreboard that the MOV cleared.
+    listing = """
+        /*3480*/                   MUFU.EX2 R94, R44 ;                  /* 0x0000002c005e7308 */
+                                                                        /* 0x0004e20000000800 */
+        /*3500*/                   MOV R44, UR17 ;                      /* 0x00000011002c7c02 */
+                                                                        /* 0x004fe40008000f00 */
+        /*3510*/                   MOV R59, UR5 ;                       /* 0x00000005003b7c02 */
+                                                                        /* 0x000fe40008000f00 */
+        /*3530*/                   FADD R45, R94, 1 ;                   /* 0x3f8000005e2d7421 */
+                                                                        /* 0x008fc80000000000 */
+        /*35c0*/              @!P1 LDG.E.U16 R69, desc[UR12][R52.64] ;  /* 0x0000000c34459981 */
+                                                                        /* 0x000ea6000c1e1500 */
+    """
+    mufu, mov_r44, mov_r59, fadd, ldg = (control(x.high) for x in instructions(listing))
+    assert NO_BARRIER not in (mufu.write, mufu.read) and mufu.write != mufu.read
+    assert mov_r44.wait == 1 << mufu.read
+    assert mov_r59.wait == 0 and mov_r59.write == mov_r59.read == NO_BARRIER
+    assert fadd.wait == 1 << mufu.write
+    assert ldg.write == mufu.read  # free again once the MOV has waited on it
+
+
+def _word(write=NO_BARRIER, wait=()):
+    return (write << 46) | (NO_BARRIER << 49) | (sum(1 << b for b in wait) << 52)
+
+
+def _listing(rows):
+    lines = []
+    for i, (text, high) in enumerate(rows):
+        lines.append(f"        /*{16 * i:04x}*/  {text} ;  /* 0x{0:016x} */")
+        lines.append(f"                           /* 0x{high:016x} */")
+    return "\n".join(lines)
+
+
+def test_load_waits_finds_a_wait_that_shares_a_scoreboard_with_prefetched_loads():
+    loop = instructions(_listing([
+        ("LDG.E R10, desc[UR4][R2.64]", _word(write=2)),  # loads for the next iteration
+        ("LDG.E R11, desc[UR4][R4.64]", _word(write=2)),
+        ("MUFU.EX2 R5, R6", _word(write=2)),  # scoreboards ran out: shares 2
+        ("FMUL R7, R5, R5", _word(wait=(2,))),  # wants R5, waits for the loads too
+        ("FADD R8, R7, R7", _word()),
+        ("LDG.E R12, desc[UR4][R2.64]", _word(write=3)),
+        ("FADD R9, R12, R10", _word(wait=(3,))),  # consumes a load: no other producer
+        ("BRA 0x0", _word()),
+    ]))
+    waits = load_waits(loop)
+    assert [(w.text.split()[0], w.loads, w.others, w.distance) for w in waits] == [
+        ("FMUL", 2, ("MUFU",), 2), ("FADD", 1, (), 1)]
+
+
+def test_load_waits_sees_loads_pending_from_the_previous_iteration():
+    loop = instructions(_listing([
+        ("FADD R9, R12, R10", _word(wait=(4,))),  # the top of the loop consumes them
+        ("FMUL R7, R5, R5", _word()),
+        ("LDG.E R12, desc[UR4][R2.64]", _word(write=4)),
+        ("BRA 0x0", _word()),
+    ]))
+    assert [(w.loads, w.others, w.distance) for w in load_waits(loop)] == [(1, (), 2)]
+
+
+def test_load_waits_needs_control_words():
+    with pytest.raises(ValueError, match="control words"):
+        load_waits(instructions(LISTING))
