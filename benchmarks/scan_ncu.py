@@ -9,6 +9,7 @@ compiled on any machine.
     python benchmarks/scan_ncu.py ops sass.csv --shape 8,2048,1536,16
     PYTHONPATH=. python benchmarks/scan_ncu.py sass --config fast_softplus=0   # no GPU needed
     PYTHONPATH=. python benchmarks/scan_ncu.py sass --barriers --keep cubins
+    python benchmarks/scan_ncu.py waits listing.txt   # any `cuobjdump -sass` output
 
 `run` compiles the scan (forward only, or with --backward the forward and its vjp) for one
 shape, dtype and TritonConfig, and runs it twice, so the kernels `ncu` selects launch after
@@ -193,6 +194,25 @@ def print_load_waits(body: list[Instruction]):
               f"last{shared}")
 
 
+def functions(sass: str) -> dict[str, str]:
+    """The listing of each function of a `cuobjdump -sass` dump, by name."""
+    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def cmd_waits(a):
+    with open(a.listing) as fh:
+        found = functions(fh.read())
+    names = [n for n in found if re.search(a.kernel, n)]
+    if not names:
+        raise SystemExit(f"{a.listing}: no function matches {a.kernel!r} (it has: "
+                         f"{', '.join(found) or 'none; is it cuobjdump -sass output?'})")
+    for name in names:
+        body = _innermost(instructions(found[name]))
+        print(f"{name}: innermost loop of {len(body)} instructions")
+        print_load_waits(body)
+
+
 def cmd_sass(a):
     import os  # noqa: PLC0415
     import shutil  # noqa: PLC0415
@@ -292,8 +312,12 @@ def main(argv=None):
     sass.add_argument("--keep", default="", help="a folder to keep the compiled cubins in")
     sass.add_argument("--barriers", action="store_true",
                       help="list the loop's waits on scoreboards that global loads set")
+    waits = sub.add_parser("waits", help="the loop's waits on global loads' scoreboards, "
+                           "from a cuobjdump -sass listing made anywhere")
+    waits.add_argument("listing")
+    waits.add_argument("--kernel", default="selective_scan", help="regex on function names")
     a = ap.parse_args(argv)
-    {"run": cmd_run, "ops": cmd_ops, "sass": cmd_sass}[a.command](a)
+    {"run": cmd_run, "ops": cmd_ops, "sass": cmd_sass, "waits": cmd_waits}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ from benchmarks.scan_ncu import (
     NO_BARRIER,
     _opcode,
     control,
+    functions,
     innermost_loop,
     instructions,
     load_waits,
+    main,
 )
 
 LISTING = """
@@ -107,3 +109,15 @@ def test_load_waits_sees_loads_pending_from_the_previous_iteration():
 def test_load_waits_needs_control_words():
     with pytest.raises(ValueError, match="control words"):
         load_waits(instructions(LISTING))
+
+
+def test_functions_splits_a_dump_by_kernel(tmp_path, capsys):
+    dump = ("\n\tcode for sm_90\n\t\tFunction : kernel_a\n" + LISTING
+            + "\n\t\tFunction : kernel_b\n" + LISTING.replace("MUFU.EX2", "MUFU.LG2"))
+    found = functions(dump)
+    assert list(found) == ["kernel_a", "kernel_b"]
+    assert "MUFU.LG2" in found["kernel_b"] and "MUFU.LG2" not in found["kernel_a"]
+    path = tmp_path / "dump.txt"
+    path.write_text(dump)
+    with pytest.raises(SystemExit, match="kernel_a, kernel_b"):
+        main(["waits", str(path), "--kernel", "selective_scan"])
