@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/scan_bench.py                 # the three issue shapes
     PYTHONPATH=. python benchmarks/scan_bench.py --quick         # tiny shapes (CPU smoke test)
+    PYTHONPATH=. python benchmarks/scan_bench.py --cpu --impls associative,sequential \
+        --dtypes float32                                   # what "auto" picks on a CPU
     PYTHONPATH=. python benchmarks/scan_bench.py --skip-sequential 0,1 --dtypes float32
     PYTHONPATH=. python benchmarks/scan_bench.py --impls pallas \\
         --triton-config block_e=32,fwd_unroll=8 --triton-config block_e=64,fwd_warps=2
@@ -35,6 +37,10 @@ from mmx_jax.ssm import selective_scan
 
 SHAPES = ((8, 2048, 1536, 16), (128, 3136, 192, 16), (256, 96, 128, 16))
 QUICK_SHAPES = ((2, 40, 48, 16), (3, 17, 32, 8))
+# The scans of CPU runs: TSM2's quick start (time mixer: 32 windows x 7 variates over 41
+# patches; variate mixer: 32 x 41 over 7 variates; E = 32, N = 4), ViM2's smoke config at
+# 32x32 (256 tokens) and ViM2-Tiny's first stage at 224x224 (3136 tokens), batch 2.
+CPU_SHAPES = ((224, 41, 32, 4), (1312, 7, 32, 4), (16, 256, 32, 16), (2, 3136, 192, 16))
 # mamba_ssm on an H100 80GB (microseconds; its bwd is the backward call alone), and the JAX
 # associative scan on the same card, from the issue text.
 MAMBA_US = {
@@ -193,6 +199,7 @@ def parse_config(text: str) -> TritonConfig:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, short timings (CPU)")
+    ap.add_argument("--cpu", action="store_true", help="the shapes of the models' CPU runs")
     ap.add_argument("--impls", default="pallas,associative,sequential")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--shapes", default=None, help="indices into the shape list, e.g. 0,2")
@@ -202,7 +209,7 @@ def main(argv=None):
                     help="TritonConfig fields, e.g. block_e=64,fwd_warps=2 (repeatable)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of samples per timing")
     a = ap.parse_args(argv)
-    shapes = QUICK_SHAPES if a.quick else SHAPES
+    shapes = QUICK_SHAPES if a.quick else CPU_SHAPES if a.cpu else SHAPES
     idx = range(len(shapes)) if a.shapes is None else [int(i) for i in a.shapes.split(",")]
     skip_seq = {int(i) for i in a.skip_sequential.split(",") if i}
     budget = a.budget if a.budget is not None else (0.2 if a.quick else 1.5)

@@ -180,11 +180,11 @@ def test_unknown_impl(rng):
         selective_scan(**random_inputs(rng), impl="fast")
 
 
-def test_auto_is_associative_on_cpu():
+def test_auto_is_sequential_on_cpu():
     from mmx_jax.ssm import ScanDims, resolve_impl
 
     if jax.default_backend() == "cpu":
-        assert resolve_impl("auto", ScanDims(2, 9, 6, 4, 1)) == "associative"
+        assert resolve_impl("auto", ScanDims(2, 9, 6, 4, 1)) == "sequential"
 
 
 def _temp_bytes(length, chunk):

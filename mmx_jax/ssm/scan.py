@@ -233,7 +233,9 @@ def resolve_impl(impl: str, dims: ScanDims | None = None) -> str:
         return impl
     platform = jax.default_backend()
     if platform not in ("gpu", "cuda", "rocm", "tpu"):
-        return "associative"
+        # A CPU gains little from the associative scan's parallel levels and pays for their
+        # extra work: the step loop is faster there (benchmarks/README.md, "On a CPU").
+        return "sequential"
     try:
         import kernels_pallas  # noqa: PLC0415
     except ImportError as err:  # pragma: no cover - the package ships with mmx_jax
@@ -263,7 +265,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       return_final_state: also return the (batch, E, N) state after the last step
         (float32, or float64 for float64 inputs).
       impl: "sequential", "associative", "pallas" or "auto" (pallas on GPU/TPU where the
-        shape is supported, else associative).
+        shape is supported, associative on other GPU/TPU shapes, sequential on CPU).
 
     Returns:
       y (batch, length, E) in u's dtype, or (y, final_state) when return_final_state.
