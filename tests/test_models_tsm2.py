@@ -97,7 +97,7 @@ def test_zero_layer_scale_starts_as_the_models_linear_part(rng):
     assert bare.mixer.averaging is None
     for name in ("patch_embed", "head_norm", "head"):
         nnx.update(getattr(bare, name), nnx.state(getattr(full, name)))
-    bare.pos_embed.value = full.pos_embed.value
+    bare.pos_embed[...] = full.pos_embed[...]
     x = jnp.asarray(rng.normal(size=(2, 32, 3)).astype(np.float32))
     np.testing.assert_allclose(full(x), bare(x), rtol=1e-6, atol=1e-6)
     scales = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(full).mixer.token_blocks[0].scale[...]
