@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/scan_bench.py                 # the three issue shapes
     PYTHONPATH=. python benchmarks/scan_bench.py --quick         # tiny shapes (CPU smoke test)
-    PYTHONPATH=. python benchmarks/scan_bench.py --cpu --impls associative,sequential \
+    PYTHONPATH=. python benchmarks/scan_bench.py --cpu --impls associative,sequential \\
         --dtypes float32                                   # what "auto" picks on a CPU
     PYTHONPATH=. python benchmarks/scan_bench.py --skip-sequential 0,1 --dtypes float32
     PYTHONPATH=. python benchmarks/scan_bench.py --impls pallas \\

@@ -135,9 +135,9 @@ class Control(NamedTuple):
     """The scheduling fields of an sm_70+ instruction (bits 105-125 of its 128-bit encoding,
     41-61 of the high word; as decoded in Jia et al., "Dissecting the NVIDIA Volta GPU
     Architecture via Microbenchmarking", 2018). A variable-latency instruction (a memory
-    load, MUFU, SHFL, ...) sets one of six scoreboards when it writes its result (`write`)
-    or has read its sources (`read`); a later instruction waits for every scoreboard in its
-    `wait` mask to clear."""
+    load, MUFU, SHFL, ...) names one of six scoreboards that clears once its result is
+    written (`write`), and one that clears once its sources are read (`read`); a later
+    instruction waits for every scoreboard in its `wait` mask to clear."""
 
     stall: int
     yield_: bool
