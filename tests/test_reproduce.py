@@ -77,6 +77,78 @@ def test_stage_two_retries_the_stage_one_choice_with_the_options(driver, monkeyp
     assert driver.winners(list(found.values())) == {("etth1", 96): "b+td2"}
 
 
+def _seed_rows(candidate, vals, horizon=96):
+    return {(candidate, seed): dict(_row(f"{candidate}_s{seed}", candidate, val=val, test=0.0),
+                                    kind="final", seed=seed, horizon=horizon)
+            for seed, val in zip((1, 2), vals, strict=True)}
+
+
+def test_reseed_check_chooses_on_the_three_seed_mean_where_seed_zero_misled(driver,
+                                                                            monkeypatch):
+    monkeypatch.setattr(driver, "grid_for", lambda dataset: {"a": {}, "b": {}})
+    monkeypatch.setattr(driver, "OPTIONS", {})
+    found = {"a": _row("a", "a", val=0.50, test=0.9), "b": _row("b", "b", val=0.60, test=0.1)}
+    assert driver.follow_up("etth1", 96, found, {}) == ("final", ["a"])
+    # a's other seeds agree with its seed 0 within 10 %: a stays chosen.
+    more = _seed_rows("a", (0.54, 0.55))
+    assert driver.follow_up("etth1", 96, found, more) == ("done", ["a"])
+    # They do not: b gets seeds 1 and 2, and the mean over seeds 0-2 decides.
+    more = _seed_rows("a", (0.80, 0.90))
+    assert driver.follow_up("etth1", 96, found, more) == ("reseed", ["b"])
+    rows = list(found.values()) + list(more.values())
+    assert driver.winners(rows) == {}  # incomplete until b's seeds are in
+    more |= _seed_rows("b", (0.62, 0.61))
+    assert driver.follow_up("etth1", 96, found, more) == ("done", ["b"])
+    assert driver.winners(list(found.values()) + list(more.values())) == {("etth1", 96): "b"}
+    more |= _seed_rows("b", (0.95, 0.99))  # now a's mean (0.733) is the lower
+    assert driver.follow_up("etth1", 96, found, more) == ("done", ["a"])
+
+
+def test_run_queues_the_reseed_runs_and_a_rerun_repeats_nothing(driver, monkeypatch, tmp_path):
+    """The driver's job flow with training replaced by a table of validation MSEs."""
+    import concurrent.futures as cf  # noqa: PLC0415
+
+    val = {("a", 0): 0.50, ("b", 0): 0.60, ("a", 1): 0.80, ("a", 2): 0.90, ("b", 1): 0.62,
+           ("b", 2): 0.61}
+    submitted = []
+
+    def fake_run(job, quick, workroot):
+        submitted.append(job["tag"])
+        return dict(job, best_val_mse=val[job["candidate"], job["seed"]], test_mse=0.0,
+                    test_mae=0.0, wall_s=0.0)
+
+    monkeypatch.setattr(driver, "grid_for", lambda dataset: {"a": {}, "b": {}})
+    monkeypatch.setattr(driver, "OPTIONS", {})
+    monkeypatch.setattr(driver, "HORIZONS", (96,))
+    monkeypatch.setattr(driver, "run_job", fake_run)
+    monkeypatch.setattr(cf, "ProcessPoolExecutor",
+                        lambda workers, **kwargs: cf.ThreadPoolExecutor(workers))
+    out = tmp_path / "runs.jsonl"
+    args = argparse.Namespace(out=str(out), deadline=60.0, workers=2, cache_dir=None,
+                              datasets="etth1", no_synthetic=True, data_dir=None,
+                              final_patience=0, quick=True, workroot=str(tmp_path))
+    driver.cmd_run(args)
+    assert sorted(submitted) == sorted(f"etth1_96_s{s}_{c}" for c in "ab" for s in (0, 1, 2))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert driver.winners(rows) == {("etth1", 96): "b"}
+    submitted.clear()
+    driver.cmd_run(args)
+    assert submitted == []
+
+
+def test_reseed_check_fires_at_exchange_336_and_720_only(driver):
+    """The recorded runs: every other chosen candidate's seeds 1 and 2 agree with its seed 0."""
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines()]
+    found, more = driver.runs_by_pair([r for r in rows if "error" not in r])
+    fired = set()
+    for key, cands in found.items():
+        winner = driver.choose(list(cands.values()))
+        seeds = [more[key][winner, s] for s in (1, 2)]
+        if abs(driver.seed_mean_val(seeds) / cands[winner]["best_val_mse"] - 1) > 0.10:
+            fired.add(key)
+    assert fired == {("exchange_rate", 336), ("exchange_rate", 720)}
+
+
 def test_stage_five_is_next_after_the_recorded_stages(driver):
     """The search stages, in order; every (data set, horizon) of the recorded runs has stages 1
     to 4 and needs just its stage-5 run, on its stage-1 choice, next."""
