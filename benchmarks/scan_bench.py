@@ -9,10 +9,16 @@
         --triton-config block_e=32,fwd_unroll=8 --triton-config block_e=64,fwd_warps=2
     PYTHONPATH=. python benchmarks/scan_bench.py --impls pallas \\
         --triton-config time_splits=1 --triton-config time_splits=4   # 0: auto
+    PYTHONPATH=. python benchmarks/scan_bench.py --impls pallas --shapes 0 --repeat 3 \\
+        --triton-config time_splits=0 --triton-config time_splits=5   # medians of 3 rounds
 
 Each row: forward, backward alone (the vjp of saved residuals) and forward+backward (one jitted
 vjp), in microseconds, the median of many device-synchronised runs after a warm-up. Inputs use
 D and delta_bias with softplus on, no z (the setting of the mamba_ssm reference numbers).
+
+With --repeat R the whole list is timed R times over, in rounds (so configs alternate rather
+than run back to back), and a second table gives each row's median and range over the rounds:
+on a shared GPU one config's readings can spread by 15-20 % within a call.
 
 The floor is the bytes moved (each input read once, each output written once) over the copy
 bandwidth measured here with a large device-to-device copy; `x floor` is time / floor. Peak
@@ -139,9 +145,8 @@ def peak_mib(compiled) -> float | None:
         return None
 
 
-def bench_one(shape, dtype, impl, config, bandwidth, budget_s) -> Row:
+def bench_one(shape, dtype, impl, config, budget_s) -> Row:
     row = Row(shape, jnp.dtype(dtype).name, impl, note="")
-    row.fwd_floor_us, row.fb_floor_us = floors(shape, dtype, bandwidth)
     x = make_inputs(shape, dtype)
     args = tuple(x[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
     f = scan_fn(impl, config)
@@ -187,6 +192,29 @@ def print_table(rows, bandwidth, device):
     sys.stdout.flush()
 
 
+def print_spread(rows, repeat):
+    """Median (min-max) of each row's timings over the rounds, rows in first-seen order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((tuple(r.shape), r.dtype, r.impl, r.note), []).append(r)
+
+    def cell(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+    print(f"\nmedian (min-max) over {repeat} rounds, us")
+    print("| shape (b, L, E, N) | dtype | impl | fwd | bwd | fwd+bwd | readings |")
+    print("|---|---|---|---|---|---|---|")
+    for (shape, dtype, impl, note), group in groups.items():
+        label = impl + (f" ({note})" if note else "")
+        print(f"| {shape} | {dtype} | {label} | " + " | ".join(
+            cell([getattr(r, k) for r in group]) for k in ("fwd_us", "bwd_us", "fb_us"))
+            + f" | {len(group)} |")
+    sys.stdout.flush()
+
+
 def parse_config(text: str) -> TritonConfig:
     kw = {}
     for item in filter(None, text.split(",")):
@@ -194,6 +222,27 @@ def parse_config(text: str) -> TritonConfig:
         field_type = type(getattr(TritonConfig(), key))
         kw[key] = (val.lower() in ("1", "true", "yes")) if field_type is bool else int(val)
     return TritonConfig(**kw)
+
+
+def timed_row(shape, dtype, impl, config, skip, bandwidth, budget) -> Row:
+    """One row of the table (failures and skips become a note), printed as it finishes."""
+    t0 = time.time()
+    if skip:
+        r = Row(shape, dtype, impl, note="skipped: too slow")
+    else:
+        try:
+            r = bench_one(shape, dtype, impl, config, budget)
+        except Exception as err:  # noqa: BLE001 - report and go on
+            r = Row(shape, dtype, impl, note=f"failed: {type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:120]}")
+    r.fwd_floor_us, r.fb_floor_us = floors(shape, dtype, bandwidth)
+    if config is not None:
+        changed = {k: v for k, v in config._asdict().items() if v != getattr(TritonConfig(), k)}
+        r.note = (r.note + " " if r.note else "") + ",".join(
+            f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in changed.items())
+    if not skip:
+        print(f"[{time.time() - t0:.1f}s] {r}", flush=True)
+    return r
 
 
 def main(argv=None):
@@ -208,7 +257,11 @@ def main(argv=None):
     ap.add_argument("--triton-config", action="append", default=[],
                     help="TritonConfig fields, e.g. block_e=64,fwd_warps=2 (repeatable)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of samples per timing")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time the whole list this many times over, in rounds")
     a = ap.parse_args(argv)
+    if a.repeat < 1:
+        ap.error(f"--repeat {a.repeat}: wanted >= 1")
     shapes = QUICK_SHAPES if a.quick else CPU_SHAPES if a.cpu else SHAPES
     idx = range(len(shapes)) if a.shapes is None else [int(i) for i in a.shapes.split(",")]
     skip_seq = {int(i) for i in a.skip_sequential.split(",") if i}
@@ -216,33 +269,13 @@ def main(argv=None):
     device = jax.devices()[0].device_kind
     bandwidth = copy_bandwidth(2**24 if a.quick else 2**30)
     configs = [parse_config(c) for c in a.triton_config] or [None]
-    rows = []
-    for i in idx:
-        shape = shapes[i]
-        for dtype in a.dtypes.split(","):
-            for impl in a.impls.split(","):
-                if impl == "sequential" and i in skip_seq:
-                    r = Row(shape, dtype, impl, note="skipped: too slow")
-                    r.fwd_floor_us, r.fb_floor_us = floors(shape, dtype, bandwidth)
-                    rows.append(r)
-                    continue
-                for config in (configs if impl == "pallas" else [None]):
-                    t0 = time.time()
-                    try:
-                        r = bench_one(shape, dtype, impl, config, bandwidth, budget)
-                    except Exception as err:  # noqa: BLE001 - report and go on
-                        r = Row(shape, dtype, impl, note=f"failed: {type(err).__name__}: "
-                                f"{str(err).splitlines()[0][:120]}")
-                        r.fwd_floor_us, r.fb_floor_us = floors(shape, dtype, bandwidth)
-                    if config is not None:
-                        changed = {k: v for k, v in config._asdict().items()
-                                   if v != getattr(TritonConfig(), k)}
-                        r.note = (r.note + " " if r.note else "") + ",".join(
-                            f"{k}={int(v) if isinstance(v, bool) else v}"
-                            for k, v in changed.items())
-                    rows.append(r)
-                    print(f"[{time.time() - t0:.1f}s] {r}", flush=True)
+    plan = [(shapes[i], dtype, impl, config, impl == "sequential" and i in skip_seq)
+            for i in idx for dtype in a.dtypes.split(",") for impl in a.impls.split(",")
+            for config in (configs if impl == "pallas" else [None])]
+    rows = [timed_row(*job, bandwidth, budget) for _ in range(a.repeat) for job in plan]
     print_table(rows, bandwidth, device)
+    if a.repeat > 1:
+        print_spread(rows, a.repeat)
     return rows
 
 

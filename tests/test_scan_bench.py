@@ -1,0 +1,33 @@
+"""benchmarks/scan_bench.py: rounds of --repeat and the table of their spread."""
+
+import pytest
+
+from benchmarks.scan_bench import Row, main, print_spread
+
+
+def test_spread_table_gives_each_rows_median_and_range_over_rounds(capsys):
+    rows = [Row((2, 8, 4, 2), "float32", "pallas", 10.0, 30.0, 40.0, note="time_splits=5"),
+            Row((2, 8, 4, 2), "float32", "sequential", 7.0, None, 9.0),
+            Row((2, 8, 4, 2), "float32", "pallas", 14.0, 20.0, 50.0, note="time_splits=5"),
+            Row((2, 8, 4, 2), "float32", "sequential", 5.0, None, 11.0),
+            Row((2, 8, 4, 2), "float32", "pallas", 12.0, 25.0, 60.0, note="time_splits=5")]
+    print_spread(rows, 3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == ("| (2, 8, 4, 2) | float32 | pallas (time_splits=5) | 12 (10-14) | "
+                         "25 (20-30) | 50 (40-60) | 3 |")
+    assert lines[-1] == "| (2, 8, 4, 2) | float32 | sequential | 6 (5-7) | - | 10 (9-11) | 2 |"
+
+
+def test_repeat_times_the_whole_list_in_rounds(capsys):
+    rows = main(["--quick", "--impls", "sequential,associative", "--dtypes", "float32",
+                 "--shapes", "1", "--repeat", "2", "--budget", "0.01"])
+    assert [r.impl for r in rows] == ["sequential", "associative"] * 2
+    assert all(r.fwd_us and r.bwd_us and r.fb_us and r.fwd_floor_us for r in rows)
+    out = capsys.readouterr().out
+    assert "median (min-max) over 2 rounds, us" in out
+    assert out.count("| 2 |") == 2
+
+
+def test_repeat_must_be_positive():
+    with pytest.raises(SystemExit):
+        main(["--quick", "--repeat", "0"])
