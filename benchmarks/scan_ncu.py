@@ -111,20 +111,29 @@ def instructions(sass: str) -> list[Instruction]:
     return out
 
 
-def _innermost(ins: list[Instruction]) -> list[Instruction]:
+def inner_loops(ins: list[Instruction]) -> list[list[Instruction]]:
+    """The backward-branching loops with no other loop inside them, in address order."""
     index = {x.address: i for i, x in enumerate(ins)}
     loops = []
     for i, x in enumerate(ins):
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", x.text)
         target = int(m.group(1), 16) if m else None
         if target is not None and target < x.address and target in index:
-            loops.append(ins[index[target]:i + 1])
-    return min(loops, key=len, default=[])
+            loops.append((index[target], i + 1))
+    inner = [(a, b) for a, b in loops
+             if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [ins[a:b] for a, b in sorted(inner)]
+
+
+def _innermost(ins: list[Instruction]) -> list[Instruction]:
+    # The longest inner loop is the step loop: the main kernels also have a short one folding
+    # the other segments' summaries into their start, the backward its recompute loop.
+    return max(inner_loops(ins), key=len, default=[])
 
 
 def innermost_loop(sass: str) -> list[str]:
-    """The instructions of the shortest backward-branching loop of one kernel's SASS listing
-    (`cuobjdump -sass`), or [] if it has none."""
+    """The instructions of the longest backward-branching loop with no loop inside it (the step
+    loop) of one kernel's SASS listing (`cuobjdump -sass`), or [] if it has none."""
     return [x.text for x in _innermost(instructions(sass))]
 
 
@@ -281,14 +290,19 @@ def cmd_sass(a):
             usage = dump("-res-usage")
             regs = re.search(r"REG:(\d+)", usage)
             stack = re.search(r"STACK:(\d+)", usage)
-            body = _innermost(instructions(dump("-sass")))
-            ops = collections.Counter(_opcode(x.text) for x in body)
+            loops = inner_loops(instructions(dump("-sass")))
             print(f"{name}: {regs.group(1) if regs else '?'} registers, stack "
-                  f"{stack.group(1) if stack else '?'} bytes; innermost loop {len(body)} "
-                  f"instructions over {steps} steps: {len(body) / steps:.1f} per step")
-            print("   " + ", ".join(f"{op} {n / steps:.1f}" for op, n in ops.most_common(a.top)))
+                  f"{stack.group(1) if stack else '?'} bytes; {len(loops)} inner loops")
+            for body in loops:
+                # Every inner loop is divided by the step count: for the short carry loop of
+                # the main kernels (one segment a trip) only its length means anything.
+                ops = collections.Counter(_opcode(x.text) for x in body)
+                print(f"  loop of {len(body)} instructions, over {steps} steps "
+                      f"{len(body) / steps:.1f} per step")
+                print("   " + ", ".join(f"{op} {n / steps:.1f}"
+                                        for op, n in ops.most_common(a.top)))
             if a.barriers:
-                print_load_waits(body)
+                print_load_waits(max(loops, key=len, default=[]))
 
 
 def main(argv=None):

@@ -113,6 +113,10 @@ class TritonConfig(NamedTuple):
     # and one rcp approximation (`_softplus`) instead of libdevice's expf, log1pf and division:
     # the per-channel work of every step of every kernel.
     fast_softplus: bool = True
+    # Time splits: each main kernel's program combines the summaries of the segments before
+    # (forward) or after (backward) its own into its starting state, S - 1 steps at most,
+    # instead of a separate carry in XLA between the summary and the main kernel.
+    kernel_carry: bool = True
 
 
 def auto_time_splits(programs: int, length: int, interval: int) -> int:
@@ -308,9 +312,10 @@ class _Program:
                        other=0)
         return x.astype(jnp.float32)
 
-    def vec(self, ref):
-        """(block_e,) float32 slice of an (E,) array."""
-        return plgpu.load(ref.at[self.cols], mask=self.e_ok, other=0).astype(jnp.float32)
+    def vec(self, ref, *lead):
+        """(block_e,) float32 slice of an (..., E) array."""
+        return plgpu.load(ref.at[(*lead, self.cols)], mask=self.e_ok,
+                          other=0).astype(jnp.float32)
 
     def tile(self, ref, *lead):
         """(N_pad, block_e) float32 tile of a (..., N, E) array."""
@@ -383,6 +388,23 @@ def _carry_across(a2t, start, local, sum_dt):
     return jnp.stack(xs, 1)
 
 
+def _carry_in_kernel(p: _Program, x, a2, local_ref, sdt_ref, backward: bool, fast: bool,
+                     fused: bool):
+    """`_carry_across` inside one main-kernel program, for its own segment: folds into the
+    start value `x` the summaries of the segments before it (forward: 0..seg-1, in order), or
+    after it (backward: S-1 down to seg+1). Slots are as the summary kernels wrote them:
+    row * (S - 1) + segment, minus 1 for the backward's (it has no summary of segment 0)."""
+    per_row = p.d.time_splits - 1
+    count = per_row - p.seg if backward else p.seg
+
+    def fold(i, x):
+        slot = p.bi * per_row + (per_row - 1 - i if backward else i)
+        decay = _exp2(a2 * p.vec(sdt_ref, slot)[None, :], fast)
+        return _fma(decay, x, p.tile(local_ref, slot), fused)
+
+    return jax.lax.fori_loop(0, count, fold, x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
@@ -428,10 +450,11 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
 
 
 def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
+    carry_in = d.time_splits > 1 and cfg.kernel_carry
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias,
-             opts.has_h0 or d.time_splits > 1)
-    (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref), outs = split_refs(
-        refs, flags)
+             opts.has_h0 or (d.time_splits > 1 and not carry_in), carry_in, carry_in)
+    refs, outs = split_refs(refs, flags)
+    u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, hloc_ref, sdt_ref = refs
     y_ref, hlast_ref, ck_ref = outs
     p = _Program(d, opts.reverse)
     fast = cfg.fast_exp2 and not interpret
@@ -439,9 +462,13 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     a2 = p.tile(a2_ref)  # A * log2(e), (N_pad, block_e)
     dvec = p.vec(d_ref) if d_ref is not None else None
     bias = p.vec(bias_ref) if bias_ref is not None else None
-    # The state at the segment start: h0's row, or with time splits (b * S, N, E) of them.
-    h = (p.tile(h0_ref, p.slot) if h0_ref is not None
+    # The state at the segment start: h0's row (b, N, E), then with time splits the summaries
+    # of the segments before folded in; or without `kernel_carry` the start from XLA
+    # (b * S, N, E).
+    h = (p.tile(h0_ref, p.bi if carry_in else p.slot) if h0_ref is not None
          else jnp.zeros((d.state_pad, d.block_e), jnp.float32))
+    if carry_in:
+        h = _carry_in_kernel(p, h, a2, hloc_ref, sdt_ref, False, fast, fused)
     unroll = cfg.fwd_unroll
     per_interval = d.interval // unroll
 
@@ -484,17 +511,23 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     p.put_tile(hlast_ref, h, p.bi, when=p.is_last)
 
 
-def _segment_starts(opts: Options, args: Normalised, d: _Dims, a2t, h0t):
-    """Time splits: the state at every segment start, (b * S, N, E) float32."""
+def _fwd_summaries(opts: Options, args: Normalised, d: _Dims, a2t):
+    """Time splits: each segment's final state from a zero start (b * (S-1), N, E) and summed
+    step size (b * (S-1), E), but the last segment's."""
     b, s, n, e = d.batch, d.time_splits, d.state, d.channels
     cfg: TritonConfig = opts.backend_config
     f32 = jnp.float32
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.delta_bias) if x is not None]
     out_shape = (jax.ShapeDtypeStruct((b * (s - 1), n, e), f32),
                  jax.ShapeDtypeStruct((b * (s - 1), e), f32))
-    h_loc, sum_dt = _call(_fwd_summary_kernel, d, opts, out_shape, s - 1, cfg.fwd_warps,
-                          "selective_scan_fwd_summary")(*ins)
-    start = h0t if h0t is not None else jnp.zeros((b, n, e), f32)
+    return _call(_fwd_summary_kernel, d, opts, out_shape, s - 1, cfg.fwd_warps,
+                 "selective_scan_fwd_summary")(*ins)
+
+
+def _segment_starts(d: _Dims, a2t, h0t, h_loc, sum_dt):
+    """Time splits without `kernel_carry`: the state at every segment start, (b * S, N, E)."""
+    b, s, n, e = d.batch, d.time_splits, d.state, d.channels
+    start = h0t if h0t is not None else jnp.zeros((b, n, e), jnp.float32)
     starts = _carry_across(a2t, start, h_loc.reshape(b, s - 1, n, e),
                            sum_dt.reshape(b, s - 1, e))
     return starts.reshape(b * s, n, e)
@@ -508,10 +541,13 @@ def forward(opts: Options, args: Normalised):
     b, length, e = args.u.shape
     a2t = (args.A * LOG2E).T  # (N, E)
     h0t = None if args.h0 is None else jnp.swapaxes(args.h0, 1, 2)  # (b, N, E)
+    summaries = (None, None)
     if d.time_splits > 1:
-        h0t = _segment_starts(opts, args, d, a2t, h0t)
+        summaries = _fwd_summaries(opts, args, d, a2t)
+        if not cfg.kernel_carry:
+            h0t, summaries = _segment_starts(d, a2t, h0t, *summaries), (None, None)
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
-                       args.delta_bias, h0t) if x is not None]
+                       args.delta_bias, h0t, *summaries) if x is not None]
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((b, length, e), args.u.dtype),
                  jax.ShapeDtypeStruct((b, d.state, e), f32),
@@ -571,10 +607,12 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
 
 
 def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
+    carry_in = d.time_splits > 1 and cfg.kernel_carry
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, True, True,
-             opts.has_dh_last or d.time_splits > 1)
-    (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, ck_ref, dy_ref, dhl_ref), outs = (
-        split_refs(refs, flags))
+             opts.has_dh_last or (d.time_splits > 1 and not carry_in), carry_in, carry_in)
+    refs, outs = split_refs(refs, flags)
+    (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, ck_ref, dy_ref, dhl_ref,
+     gloc_ref, sdt_ref) = refs
     oflags = (True, True, opts.has_z, True, True, True, opts.has_D, opts.has_bias, True,
               True)
     (du_ref, ddt_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, dh0_ref, sub_ref), _ = (
@@ -686,8 +724,12 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
             barrier()  # before the next interval overwrites the scratch
         return acc, rows
 
-    # The adjoint at the segment end: dh_last's row, or with time splits (b * S, N, E) of them.
-    g0 = p.tile(dhl_ref, p.slot) if dhl_ref is not None else zeros_tile
+    # The adjoint at the segment end: dh_last's row (b, N, E), then with time splits the
+    # summaries of the segments after folded in; or without `kernel_carry` the adjoint from XLA
+    # (b * S, N, E).
+    g0 = p.tile(dhl_ref, p.bi if carry_in else p.slot) if dhl_ref is not None else zeros_tile
+    if carry_in:
+        g0 = _carry_in_kernel(p, g0, a2, gloc_ref, sdt_ref, True, fast, fused)
     first_rows = load(p.k_end * n_sub - 1) if cfg.prefetch else None  # the segment's last
     (g, da, dd, dbias), _ = jax.lax.fori_loop(
         0, d.seg_intervals, interval, ((g0, zeros_tile, zeros_row, zeros_row), first_rows))
@@ -700,17 +742,24 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         p.put_vec(dbias_ref, dbias, p.slot)
 
 
-def _segment_end_adjoints(opts: Options, args: Normalised, d: _Dims, a2t, dy, dhl_t):
-    """Time splits: the adjoint entering every segment from its end, (b * S, N, E) float32."""
+def _bwd_summaries(opts: Options, args: Normalised, d: _Dims, a2t, dy):
+    """Time splits: each segment's adjoint at its start from a zero adjoint at its end
+    (b * (S-1), N, E) and summed step size (b * (S-1), E), but the first segment's."""
     b, s, n, e = d.batch, d.time_splits, d.state, d.channels
     cfg: TritonConfig = opts.backend_config
     f32 = jnp.float32
     ins = [x for x in (args.delta, a2t, args.C, args.z, args.delta_bias, dy) if x is not None]
     out_shape = (jax.ShapeDtypeStruct((b * (s - 1), n, e), f32),
                  jax.ShapeDtypeStruct((b * (s - 1), e), f32))
-    g_loc, sum_dt = _call(_bwd_summary_kernel, d, opts, out_shape, s - 1, cfg.bwd_warps,
-                          "selective_scan_bwd_summary")(*ins)
-    end = dhl_t if dhl_t is not None else jnp.zeros((b, n, e), f32)
+    return _call(_bwd_summary_kernel, d, opts, out_shape, s - 1, cfg.bwd_warps,
+                 "selective_scan_bwd_summary")(*ins)
+
+
+def _segment_end_adjoints(d: _Dims, a2t, dhl_t, g_loc, sum_dt):
+    """Time splits without `kernel_carry`: the adjoint entering every segment from its end,
+    (b * S, N, E)."""
+    b, s, n, e = d.batch, d.time_splits, d.state, d.channels
+    end = dhl_t if dhl_t is not None else jnp.zeros((b, n, e), jnp.float32)
     # Segments 1..S-1 summarised; the adjoint is carried from the last segment to the first.
     ends = _carry_across(a2t, end, g_loc.reshape(b, s - 1, n, e)[:, ::-1],
                          sum_dt.reshape(b, s - 1, e)[:, ::-1])[:, ::-1]
@@ -727,10 +776,13 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     n_blocks = g * d.blocks_per_group
     a2t = (args.A * LOG2E).T
     dhl_t = None if dh_last is None else jnp.swapaxes(dh_last.astype(jnp.float32), 1, 2)
+    summaries = (None, None)
     if d.time_splits > 1:
-        dhl_t = _segment_end_adjoints(opts, args, d, a2t, dy, dhl_t)
+        summaries = _bwd_summaries(opts, args, d, a2t, dy)
+        if not cfg.kernel_carry:
+            dhl_t, summaries = _segment_end_adjoints(d, a2t, dhl_t, *summaries), (None, None)
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
-                       args.delta_bias, ck, dy, dhl_t) if x is not None]
+                       args.delta_bias, ck, dy, dhl_t, *summaries) if x is not None]
     f32 = jnp.float32
     n_sub = d.interval // cfg.bwd_unroll
     sds = jax.ShapeDtypeStruct

@@ -222,6 +222,16 @@ def test_interpret_default_config(rng, backend):
                interpret=True)
 
 
+def test_interpret_time_splits_carried_in_xla(rng):
+    """`kernel_carry=False` (the segment starts and ends carried by XLA between the summary and
+    the main kernels, not inside the main kernels) computes the same, with every option on and
+    a wholly padded last segment (L=7 in 3 segments of 4 steps)."""
+    config = TIME_SPLIT_CONFIGS["triton_split3"]._replace(kernel_carry=False)
+    check_case(rng, "triton", (2, 7, 40, 8, 1), "float32",
+               dict(D=True, z=True, bias=True, softplus=True, reverse=True, h0=True, final=True),
+               config=config, interpret=True)
+
+
 def test_interpret_batch_major_grid(rng):
     """Batch rows on the grid's x axis (what batches above 65535 get) compute the same."""
     config = SMALL_CONFIGS["triton"]._replace(batch_major=True)
@@ -382,7 +392,8 @@ def test_triton_modules_verify(rng, monkeypatch):
     configs = (TritonConfig(time_splits=1), SMALL_CONFIGS["triton"],
                TritonConfig(prefetch=False, time_splits=1),
                TritonConfig(time_splits=2), TIME_SPLIT_CONFIGS["triton_split3"],
-               TritonConfig(time_splits=2, prefetch=False, batch_major=True))
+               TritonConfig(time_splits=2, prefetch=False, batch_major=True),
+               TritonConfig(time_splits=3, kernel_carry=False))
     for config in configs:
         args, kw = make_case(rng, (2, 37, 48, 5, 2), "bfloat16",
                              dict(D=True, z=True, bias=True, softplus=True, reverse=True,
@@ -404,7 +415,7 @@ def test_triton_modules_verify(rng, monkeypatch):
     whole, split = ["selective_scan_fwd", "selective_scan_bwd"], [
         "selective_scan_fwd_summary", "selective_scan_fwd", "selective_scan_bwd_summary",
         "selective_scan_bwd"]
-    assert names == whole * 3 + split * 3, names
+    assert names == whole * 3 + split * 4, names
     for module in modules:
         with module.context:
             assert module.operation.verify()

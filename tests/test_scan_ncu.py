@@ -7,6 +7,7 @@ from benchmarks.scan_ncu import (
     _opcode,
     control,
     functions,
+    inner_loops,
     innermost_loop,
     instructions,
     load_waits,
@@ -27,9 +28,19 @@ LISTING = """
 """
 
 
-def test_innermost_loop_is_the_shortest_backward_branch():
+def test_innermost_loop_is_a_backward_branch_with_no_loop_inside():
     loop = innermost_loop(LISTING)
     assert [_opcode(t) for t in loop] == ["MUFU", "FFMA", "BRA"]
+
+
+def test_of_two_inner_loops_the_longer_is_the_step_loop():
+    # A second inner loop after the first (0x50..0x70 branching back to 0x50) and longer.
+    listing = LISTING.replace("@P1 BRA 0x10", "FADD R8, R8, R6").replace(
+        "BRA 0x90", "@P1 BRA 0x50")
+    assert [[_opcode(x.text) for x in loop] for loop in inner_loops(instructions(listing))] == [
+        ["MUFU", "FFMA", "BRA"], ["SHFL", "FADD", "BRA"]]
+    longer = listing.replace("FADD R8, R8, R6", "FADD R8, R8, R6 ;\n        /*0065*/  FMUL R8, R8, R6")
+    assert [_opcode(t) for t in innermost_loop(longer)] == ["SHFL", "FADD", "FMUL", "BRA"]
 
 
 def test_opcode_drops_predicate_and_modifiers():
