@@ -113,10 +113,12 @@ class TritonConfig(NamedTuple):
     # and one rcp approximation (`_softplus`) instead of libdevice's expf, log1pf and division:
     # the per-channel work of every step of every kernel.
     fast_softplus: bool = True
-    # Time splits: each main kernel's program combines the summaries of the segments before
-    # (forward) or after (backward) its own into its starting state, S - 1 steps at most,
-    # instead of a separate carry in XLA between the summary and the main kernel.
+    # Time splits: each forward program folds the summaries of the segments before its own
+    # into its starting state (S - 1 steps at most) instead of a separate carry in XLA between
+    # the summary and the main kernel; `bwd_kernel_carry` the same for the backward's adjoint
+    # (off: no clear gain measured there, notes/kernels.md v9).
     kernel_carry: bool = True
+    bwd_kernel_carry: bool = False
 
 
 def auto_time_splits(programs: int, length: int, interval: int) -> int:
@@ -607,7 +609,7 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
 
 
 def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
-    carry_in = d.time_splits > 1 and cfg.kernel_carry
+    carry_in = d.time_splits > 1 and cfg.bwd_kernel_carry
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, True, True,
              opts.has_dh_last or (d.time_splits > 1 and not carry_in), carry_in, carry_in)
     refs, outs = split_refs(refs, flags)
@@ -725,7 +727,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         return acc, rows
 
     # The adjoint at the segment end: dh_last's row (b, N, E), then with time splits the
-    # summaries of the segments after folded in; or without `kernel_carry` the adjoint from XLA
+    # summaries of the segments after folded in; or without `bwd_kernel_carry` the adjoint from XLA
     # (b * S, N, E).
     g0 = p.tile(dhl_ref, p.bi if carry_in else p.slot) if dhl_ref is not None else zeros_tile
     if carry_in:
@@ -756,7 +758,7 @@ def _bwd_summaries(opts: Options, args: Normalised, d: _Dims, a2t, dy):
 
 
 def _segment_end_adjoints(d: _Dims, a2t, dhl_t, g_loc, sum_dt):
-    """Time splits without `kernel_carry`: the adjoint entering every segment from its end,
+    """Time splits without `bwd_kernel_carry`: the adjoint entering every segment from its end,
     (b * S, N, E)."""
     b, s, n, e = d.batch, d.time_splits, d.state, d.channels
     end = dhl_t if dhl_t is not None else jnp.zeros((b, n, e), jnp.float32)
@@ -779,7 +781,7 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     summaries = (None, None)
     if d.time_splits > 1:
         summaries = _bwd_summaries(opts, args, d, a2t, dy)
-        if not cfg.kernel_carry:
+        if not cfg.bwd_kernel_carry:
             dhl_t, summaries = _segment_end_adjoints(d, a2t, dhl_t, *summaries), (None, None)
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
                        args.delta_bias, ck, dy, dhl_t, *summaries) if x is not None]

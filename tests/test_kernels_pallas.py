@@ -222,11 +222,13 @@ def test_interpret_default_config(rng, backend):
                interpret=True)
 
 
-def test_interpret_time_splits_carried_in_xla(rng):
-    """`kernel_carry=False` (the segment starts and ends carried by XLA between the summary and
-    the main kernels, not inside the main kernels) computes the same, with every option on and
-    a wholly padded last segment (L=7 in 3 segments of 4 steps)."""
-    config = TIME_SPLIT_CONFIGS["triton_split3"]._replace(kernel_carry=False)
+def test_interpret_time_splits_other_carries(rng):
+    """The non-default carries compute the same: the forward's segment starts carried by XLA
+    between the summary and main kernels (`kernel_carry=False`), the backward's segment-end
+    adjoints folded inside its main kernel (`bwd_kernel_carry=True`); every option on and a
+    wholly padded last segment (L=7 in 3 segments of 4 steps)."""
+    config = TIME_SPLIT_CONFIGS["triton_split3"]._replace(kernel_carry=False,
+                                                          bwd_kernel_carry=True)
     check_case(rng, "triton", (2, 7, 40, 8, 1), "float32",
                dict(D=True, z=True, bias=True, softplus=True, reverse=True, h0=True, final=True),
                config=config, interpret=True)
@@ -393,7 +395,7 @@ def test_triton_modules_verify(rng, monkeypatch):
                TritonConfig(prefetch=False, time_splits=1),
                TritonConfig(time_splits=2), TIME_SPLIT_CONFIGS["triton_split3"],
                TritonConfig(time_splits=2, prefetch=False, batch_major=True),
-               TritonConfig(time_splits=3, kernel_carry=False))
+               TritonConfig(time_splits=3, kernel_carry=False, bwd_kernel_carry=True))
     for config in configs:
         args, kw = make_case(rng, (2, 37, 48, 5, 2), "bfloat16",
                              dict(D=True, z=True, bias=True, softplus=True, reverse=True,

@@ -39,7 +39,8 @@ def test_of_two_inner_loops_the_longer_is_the_step_loop():
         "BRA 0x90", "@P1 BRA 0x50")
     assert [[_opcode(x.text) for x in loop] for loop in inner_loops(instructions(listing))] == [
         ["MUFU", "FFMA", "BRA"], ["SHFL", "FADD", "BRA"]]
-    longer = listing.replace("FADD R8, R8, R6", "FADD R8, R8, R6 ;\n        /*0065*/  FMUL R8, R8, R6")
+    longer = listing.replace("FADD R8, R8, R6",
+                             "FADD R8, R8, R6 ;\n        /*0065*/  FMUL R8, R8, R6")
     assert [_opcode(t) for t in innermost_loop(longer)] == ["SHFL", "FADD", "FMUL", "BRA"]
 
 
