@@ -30,9 +30,10 @@ row * S + segment. The state is linear in its start, and the decay over a segmen
 exp(A * sum of its step sizes) for a diagonal A, so:
 
   forward:  a summary kernel scans every segment but the last from a zero state (its final
-            state and summed step size); JAX carries the true state across the segment starts
-            (S is small: a Python loop); the forward kernel then scans each segment from its
-            true start, so its checkpoints and output are those of the unsplit scan.
+            state and summed step size); each forward-kernel program folds the summaries of
+            the segments before its own into its true start (`kernel_carry`; without it JAX
+            carries the state across the segment starts, a Python loop over S) and scans its
+            segment from there, so its checkpoints and output are those of the unsplit scan.
   backward: a summary kernel walks every segment but the first back from a zero adjoint (the
             adjoint at its start and its summed step size); JAX carries the true adjoint back
             across the segment ends; the backward kernel walks each segment back from it. The
