@@ -125,10 +125,14 @@ def inner_loops(ins: list[Instruction]) -> list[list[Instruction]]:
     return [ins[a:b] for a, b in sorted(inner)]
 
 
-def _innermost(ins: list[Instruction]) -> list[Instruction]:
+def _step_loop(loops: list[list[Instruction]]) -> list[Instruction]:
     # The longest inner loop is the step loop: the main kernels also have a short one folding
     # the other segments' summaries into their start, the backward its recompute loop.
-    return max(inner_loops(ins), key=len, default=[])
+    return max(loops, key=len, default=[])
+
+
+def _innermost(ins: list[Instruction]) -> list[Instruction]:
+    return _step_loop(inner_loops(ins))
 
 
 def innermost_loop(sass: str) -> list[str]:
@@ -302,7 +306,7 @@ def cmd_sass(a):
                 print("   " + ", ".join(f"{op} {n / steps:.1f}"
                                         for op, n in ops.most_common(a.top)))
             if a.barriers:
-                print_load_waits(max(loops, key=len, default=[]))
+                print_load_waits(_step_loop(loops))
 
 
 def main(argv=None):
