@@ -12,9 +12,11 @@
     PYTHONPATH=. python benchmarks/scan_bench.py --impls pallas --shapes 0 --repeat 3 \\
         --triton-config time_splits=0 --triton-config time_splits=5   # medians of 3 rounds
 
-Each row: forward, backward alone (the vjp of saved residuals) and forward+backward (one jitted
-vjp), in microseconds, the median of many device-synchronised runs after a warm-up. Inputs use
-D and delta_bias with softplus on, no z (the setting of the mamba_ssm reference numbers).
+Each row: forward alone (no residuals saved: what inference runs), forward under `jax.vjp`
+(saving the backward's residuals: what training runs), backward alone (the vjp of saved
+residuals) and forward+backward (one jitted vjp), in microseconds, the median of many
+device-synchronised runs after a warm-up. Inputs use D and delta_bias with softplus on, no z
+(the setting of the mamba_ssm reference numbers).
 
 With --repeat R the whole list is timed R times over, in rounds (so configs alternate rather
 than run back to back), and a second table gives each row's median and range over the rounds:
@@ -62,6 +64,7 @@ class Row:
     dtype: str
     impl: str
     fwd_us: float | None = None
+    fwd_vjp_us: float | None = None
     bwd_us: float | None = None
     fb_us: float | None = None
     fwd_floor_us: float = 0.0
@@ -160,6 +163,7 @@ def bench_one(shape, dtype, impl, config, budget_s) -> Row:
     fb = jax.jit(fwd_bwd)
     bwd = jax.jit(lambda vjp, dy: vjp(dy))
     row.fwd_us = time_us(fwd, *args, budget_s=budget_s)
+    row.fwd_vjp_us = time_us(jax.jit(lambda *a: jax.vjp(f, *a)), *args, budget_s=budget_s)
     _, vjp = jax.vjp(fwd, *args)
     row.bwd_us = time_us(bwd, vjp, dy, budget_s=budget_s)
     del vjp
@@ -175,7 +179,8 @@ def fmt(v, spec="{:.0f}"):
 
 def print_table(rows, bandwidth, device):
     print(f"\ndevice: {device}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
-    head = ("| shape (b, L, E, N) | dtype | impl | fwd us | bwd us | fwd+bwd us | fwd floor us "
+    head = ("| shape (b, L, E, N) | dtype | impl | fwd us | fwd (vjp) us | bwd us | fwd+bwd us "
+            "| fwd floor us "
             "| fwd x floor | f+b floor us | f+b x floor | peak MiB | mamba fwd / bwd us |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -185,7 +190,8 @@ def print_table(rows, bandwidth, device):
         fx = r.fwd_us / r.fwd_floor_us if r.fwd_us else None
         fbx = r.fb_us / r.fb_floor_us if r.fb_us else None
         cells = [str(tuple(r.shape)), r.dtype, r.impl + (f" ({r.note})" if r.note else ""),
-                 fmt(r.fwd_us), fmt(r.bwd_us), fmt(r.fb_us), fmt(r.fwd_floor_us, "{:.1f}"),
+                 fmt(r.fwd_us), fmt(r.fwd_vjp_us), fmt(r.bwd_us), fmt(r.fb_us),
+                 fmt(r.fwd_floor_us, "{:.1f}"),
                  fmt(fx, "{:.1f}"), fmt(r.fb_floor_us, "{:.1f}"), fmt(fbx, "{:.1f}"),
                  fmt(r.peak_mib), mamba]
         print("| " + " | ".join(cells) + " |")
@@ -205,12 +211,13 @@ def print_spread(rows, repeat):
         return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
     print(f"\nmedian (min-max) over {repeat} rounds, us")
-    print("| shape (b, L, E, N) | dtype | impl | fwd | bwd | fwd+bwd | readings |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape (b, L, E, N) | dtype | impl | fwd | fwd (vjp) | bwd | fwd+bwd | readings |")
+    print("|---|---|---|---|---|---|---|---|")
     for (shape, dtype, impl, note), group in groups.items():
         label = impl + (f" ({note})" if note else "")
         print(f"| {shape} | {dtype} | {label} | " + " | ".join(
-            cell([getattr(r, k) for r in group]) for k in ("fwd_us", "bwd_us", "fb_us"))
+            cell([getattr(r, k) for r in group])
+            for k in ("fwd_us", "fwd_vjp_us", "bwd_us", "fb_us"))
             + f" | {len(group)} |")
     sys.stdout.flush()
 

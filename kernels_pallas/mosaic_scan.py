@@ -201,8 +201,9 @@ def _state_out(x, d: _Dims):
     return jnp.transpose(x, (0, 1, 3, 2)).reshape(d.batch, d.groups * d.group_width, d.state)
 
 
-def forward(opts: Options, args: Normalised):
-    """Returns y (b, L, E), the final state (b, E, N) float32 and the checkpoints."""
+def forward(opts: Options, args: Normalised, residual: bool = True):
+    """Returns y (b, L, E), the final state (b, E, N) float32 and the checkpoints (computed
+    with or without `residual`: the TPU kernel writes them either way)."""
     cfg: MosaicConfig = opts.backend_config
     d = _dims(args, cfg)
     rows, cols, chan, vec, state, ck = _specs(d, opts, backward=False)

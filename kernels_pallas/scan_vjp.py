@@ -105,11 +105,14 @@ def _cast_like(g, x):
 
 
 def make_scan(forward: Callable, backward: Callable) -> Callable:
-    """Wraps a backend's forward/backward pair into ``scan(opts, normalised) -> (y, h_last)``."""
+    """Wraps a backend's forward/backward pair into ``scan(opts, normalised) -> (y, h_last)``.
+
+    ``forward(opts, args, residual)`` returns (y, h_last, residual); the primal, run outside
+    differentiation, asks for no residual (the backend may then skip writing it)."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def scan(opts: Options, args: Normalised):
-        y, h_last, _ = forward(opts, args)
+    def scan(opts: Options, args: Normalised):  # outside differentiation: nothing to save
+        y, h_last, _ = forward(opts, args, residual=False)
         return y, h_last
 
     def scan_fwd(opts, args):

@@ -120,6 +120,10 @@ class TritonConfig(NamedTuple):
     # (off: no clear gain measured there, notes/kernels.md v9).
     kernel_carry: bool = True
     bwd_kernel_carry: bool = False
+    # The forward alone (outside differentiation: nothing is saved for a backward, so no
+    # checkpoints are written) may cut time into its own number of segments: 0 (the default):
+    # `auto_forward_time_splits` picks; >= 1: that many.
+    fwd_only_time_splits: int = 0
 
 
 def auto_time_splits(programs: int, length: int, interval: int) -> int:
@@ -140,12 +144,35 @@ def auto_time_splits(programs: int, length: int, interval: int) -> int:
     return s
 
 
-def _time_splits(cfg: TritonConfig, batch: int, length: int, blocks: int) -> int:
+def auto_forward_time_splits(programs: int, length: int, interval: int) -> int:
+    """The number of time segments that `fwd_only_time_splits=0` picks for a forward alone.
+
+    As many segments as keep the programs within one wave of TARGET_PROGRAMS (any S up to
+    MAX_TIME_SPLITS, not only powers of two), under the same minimum segment length as
+    `auto_time_splits`. Without a backward to share checkpoints with, the forward is free to
+    trade fewer resident programs for less summary work: at (8, 2048, 1536, 16) five segments
+    beat the eight that the backward wants (notes/kernels.md, v8 and v10).
+    """
+    s = max(1, min(MAX_TIME_SPLITS, TARGET_PROGRAMS // programs))
+    while s > 1 and length < 4 * interval * s:
+        s -= 1
+    return s
+
+
+def _time_splits(cfg: TritonConfig, batch: int, length: int, blocks: int,
+                 forward_only: bool = False) -> int:
     """The number of segments S of `cfg` at this shape (`blocks`: channel blocks of a row).
     The forward and backward must agree on it (it shapes the checkpoints), so the auto choice
-    counts the blocks of the smaller of their two block sizes."""
-    if cfg.time_splits < 0:
-        raise ValueError(f"TritonConfig.time_splits={cfg.time_splits}: wanted >= 1, or 0 (auto)")
+    counts the blocks of the smaller of their two block sizes; a forward alone
+    (`forward_only`) counts its own."""
+    for name in ("time_splits", "fwd_only_time_splits"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"TritonConfig.{name}={getattr(cfg, name)}: wanted >= 1, or 0 "
+                             "(auto)")
+    if forward_only and cfg.fwd_only_time_splits:
+        return cfg.fwd_only_time_splits
+    if forward_only and not cfg.time_splits:
+        return auto_forward_time_splits(batch * blocks, length, _checkpoint_interval(length, cfg))
     if cfg.time_splits:
         return cfg.time_splits
     return auto_time_splits(batch * blocks, length, _checkpoint_interval(length, cfg))
@@ -179,12 +206,14 @@ class _Dims(NamedTuple):
         return (rows, n_blocks) if self.batch_major else (n_blocks, rows)
 
 
-def _dims(args: Normalised, block_e: int, cfg: TritonConfig) -> _Dims:
+def _dims(args: Normalised, block_e: int, cfg: TritonConfig, forward_only: bool = False
+          ) -> _Dims:
     b, length, e = args.u.shape
     n = args.A.shape[1]
     g = args.B.shape[2]
     eg = e // g
-    splits = _time_splits(cfg, b, length, g * pl.cdiv(eg, min(cfg.block_e, cfg.bwd_block_e)))
+    blocks = g * pl.cdiv(eg, cfg.block_e if forward_only else min(cfg.block_e, cfg.bwd_block_e))
+    splits = _time_splits(cfg, b, length, blocks, forward_only)
     # K suits the segment length as it suited the whole length without splits: the segments
     # together then pad L the least.
     seg_steps = pl.cdiv(length, splits)
@@ -458,7 +487,8 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
              opts.has_h0 or (d.time_splits > 1 and not carry_in), carry_in, carry_in)
     refs, outs = split_refs(refs, flags)
     u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, hloc_ref, sdt_ref = refs
-    y_ref, hlast_ref, ck_ref = outs
+    y_ref, hlast_ref, *ck_ref = outs  # no checkpoints for a forward alone
+    ck_ref = ck_ref[0] if ck_ref else None
     p = _Program(d, opts.reverse)
     fast = cfg.fast_exp2 and not interpret
     fused = cfg.fused_fma and not interpret
@@ -505,7 +535,8 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
 
     def interval(k, carry):
         h, rows = carry
-        p.put_tile(ck_ref, h, p.bi, k)  # the state at each checkpoint-interval start
+        if ck_ref is not None:
+            p.put_tile(ck_ref, h, p.bi, k)  # the state at each checkpoint-interval start
         return _row_loop(k * per_interval, (k + 1) * per_interval, load, chunk, h, rows,
                          cfg.prefetch)
 
@@ -536,11 +567,12 @@ def _segment_starts(d: _Dims, a2t, h0t, h_loc, sum_dt):
     return starts.reshape(b * s, n, e)
 
 
-def forward(opts: Options, args: Normalised):
+def forward(opts: Options, args: Normalised, residual: bool = True):
     """Returns y (b, L, E) in u's dtype, the final state (b, E, N) float32 and the residual
-    (checkpoints (b, L/K, N, E) float32)."""
+    (checkpoints (b, L/K, N, E) float32). Without `residual` (a forward alone) no checkpoints
+    are written (None is returned), and the time splits are `fwd_only_time_splits`'."""
     cfg: TritonConfig = opts.backend_config
-    d = _dims(args, cfg.block_e, cfg)
+    d = _dims(args, cfg.block_e, cfg, forward_only=not residual)
     b, length, e = args.u.shape
     a2t = (args.A * LOG2E).T  # (N, E)
     h0t = None if args.h0 is None else jnp.swapaxes(args.h0, 1, 2)  # (b, N, E)
@@ -553,11 +585,12 @@ def forward(opts: Options, args: Normalised):
                        args.delta_bias, h0t, *summaries) if x is not None]
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((b, length, e), args.u.dtype),
-                 jax.ShapeDtypeStruct((b, d.state, e), f32),
-                 jax.ShapeDtypeStruct((b, d.n_intervals, d.state, e), f32))
-    y, hlast_t, ck = _call(_fwd_kernel, d, opts, out_shape, d.time_splits, cfg.fwd_warps,
-                           "selective_scan_fwd")(*ins)
-    return y, jnp.swapaxes(hlast_t, 1, 2), ck
+                 jax.ShapeDtypeStruct((b, d.state, e), f32))
+    if residual:
+        out_shape += (jax.ShapeDtypeStruct((b, d.n_intervals, d.state, e), f32),)
+    y, hlast_t, *ck = _call(_fwd_kernel, d, opts, out_shape, d.time_splits, cfg.fwd_warps,
+                            "selective_scan_fwd")(*ins)
+    return y, jnp.swapaxes(hlast_t, 1, 2), ck[0] if ck else None
 
 
 # ---------------------------------------------------------------------------------------------

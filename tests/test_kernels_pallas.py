@@ -18,7 +18,12 @@ import pytest
 
 import kernels_pallas
 from kernels_pallas.mosaic_scan import MosaicConfig
-from kernels_pallas.triton_scan import TritonConfig, _softplus, auto_time_splits
+from kernels_pallas.triton_scan import (
+    TritonConfig,
+    _softplus,
+    auto_forward_time_splits,
+    auto_time_splits,
+)
 from mmx_jax.ssm import selective_scan, selective_scan_sequential
 
 
@@ -40,11 +45,13 @@ SMALL_CONFIGS = {
 }
 # The time axis split across programs: 2 segments, and 3 (not a power of two). With these
 # configs the CASES lengths leave the last segment partly padding, and wholly padding for
-# "grouped" at 3 (L=7 in 3 segments of 4 steps).
+# "grouped" at 3 (L=7 in 3 segments of 4 steps). The forward alone (the primal) splits time
+# its own way: into 3 and 2 segments.
 TIME_SPLIT_CONFIGS = {
-    "triton_split2": SMALL_CONFIGS["triton"]._replace(time_splits=2),
+    "triton_split2": SMALL_CONFIGS["triton"]._replace(time_splits=2, fwd_only_time_splits=3),
     # (with B and C loaded in their own chunk, not a chunk ahead, in the forward and summary)
-    "triton_split3": SMALL_CONFIGS["triton"]._replace(time_splits=3, prefetch_bc=False),
+    "triton_split3": SMALL_CONFIGS["triton"]._replace(time_splits=3, fwd_only_time_splits=2,
+                                                      prefetch_bc=False),
 }
 
 # name, (batch, L, E, N, G), dtype, options
@@ -157,14 +164,17 @@ def check_case(rng, backend, shape, dtype, opts, config=None, interpret=None):
     ref = numpy_scan(**args, **{k: kw[k] for k in kw})
     bf16 = jnp.dtype(dtype) == jnp.bfloat16
     tol_y, tol_g = (1e-2, 2e-2) if bf16 else (2e-5, 1e-4)
-    if kw["return_final_state"]:
-        y, h_last = out
-        assert y.dtype == jnp.dtype(dtype) and h_last.dtype == jnp.float32
-        assert rel_err(y, ref[0]) < tol_y
-        assert rel_err(h_last, ref[1]) < 2e-5
-    else:
-        assert out.dtype == jnp.dtype(dtype)
-        assert rel_err(out, ref) < tol_y
+    # The forward under differentiation (saving residuals) and the forward alone (the primal:
+    # no checkpoints, and the Triton kernels' own time splits).
+    for o in (out, kernel(*primals)):
+        if kw["return_final_state"]:
+            y, h_last = o
+            assert y.dtype == jnp.dtype(dtype) and h_last.dtype == jnp.float32
+            assert rel_err(y, ref[0]) < tol_y
+            assert rel_err(h_last, ref[1]) < 2e-5
+        else:
+            assert o.dtype == jnp.dtype(dtype)
+            assert rel_err(o, ref) < tol_y
 
     # Cotangents: random, in the output dtypes (the final state's is float32).
     cot = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), out)
@@ -279,11 +289,25 @@ def test_auto_time_splits():
     assert auto_time_splits(1000, 10**6, 64) == 4  # 1000 x 2 falls just short of 2048
 
 
-def test_time_splits_config_is_checked(rng):
+def test_auto_forward_time_splits():
+    """fwd_only_time_splits=0: as many segments as keep the programs within 2048, at most 16,
+    with every segment at least two checkpoint intervals long."""
+    assert auto_forward_time_splits(8 * 48, 2048, 64) == 5  # 1920 programs
+    assert auto_forward_time_splits(128 * 6, 3136, 64) == 2
+    assert auto_forward_time_splits(256 * 4, 96, 32) == 1  # 2 segments of 48 steps: too short
+    assert auto_forward_time_splits(2048, 10**6, 64) == 1
+    assert auto_forward_time_splits(4096, 10**6, 64) == 1
+    assert auto_forward_time_splits(1, 10**6, 64) == 16
+    assert auto_forward_time_splits(1, 767, 64) == 2  # 3 segments need 3 x 256 steps
+    assert auto_forward_time_splits(300, 10**6, 64) == 6
+
+
+@pytest.mark.parametrize("field", ["time_splits", "fwd_only_time_splits"])
+def test_time_splits_config_is_checked(rng, field):
     args, kw = make_case(rng, (2, 5, 8, 4, 1), "float32", {})
-    with pytest.raises(ValueError, match="time_splits"):
+    with pytest.raises(ValueError, match=field):
         kernels_pallas.selective_scan(**args, backend="triton", interpret=True,
-                                      config=TritonConfig(time_splits=-1))
+                                      config=TritonConfig(**{field: -1}))
 
 
 def test_unsupported_reason():
@@ -354,7 +378,7 @@ def test_triton_grid_puts_a_large_batch_on_x(batch, grid):
 
 def test_triton_auto_time_splits_shape_the_grid():
     """time_splits=0 at the first benchmark shape: 8 segments, so the main kernels' batch axis
-    holds 8 x 8 (row, segment) pairs and the summaries' 8 x 7."""
+    holds 8 x 8 (row, segment) pairs and the summaries' 8 x 7; the forward alone takes 5."""
     import re  # noqa: PLC0415
 
     sds = jax.ShapeDtypeStruct
@@ -372,6 +396,14 @@ def test_triton_auto_time_splits_shape_the_grid():
         lowering_platforms=("cuda",)).as_text()
     grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+)", text)
     assert sorted(tuple(map(int, g)) for g in grids) == [(48, 56)] * 2 + [(48, 64)] * 2, grids
+    # The forward alone: 5 segments (8 x 5 and 8 x 4 (row, segment) pairs), and its main
+    # kernel writes y and the final state only.
+    text = jax.jit(loss).trace(*xs).lower(lowering_platforms=("cuda",)).as_text()
+    grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+)", text)
+    assert sorted(tuple(map(int, g)) for g in grids) == [(48, 32), (48, 40)], grids
+    calls = [line for line in text.splitlines() if "selective_scan_fwd" in line
+             and "custom_call" in line and "summary" not in line]
+    assert len(calls) == 1 and calls[0].split("->")[-1].count("tensor<") == 2, calls
 
 
 def test_triton_modules_verify(rng, monkeypatch):

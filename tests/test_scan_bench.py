@@ -6,23 +6,29 @@ from benchmarks.scan_bench import Row, main, print_spread
 
 
 def test_spread_table_gives_each_rows_median_and_range_over_rounds(capsys):
-    rows = [Row((2, 8, 4, 2), "float32", "pallas", 10.0, 30.0, 40.0, note="time_splits=5"),
-            Row((2, 8, 4, 2), "float32", "sequential", 7.0, None, 9.0),
-            Row((2, 8, 4, 2), "float32", "pallas", 14.0, 20.0, 50.0, note="time_splits=5"),
-            Row((2, 8, 4, 2), "float32", "sequential", 5.0, None, 11.0),
-            Row((2, 8, 4, 2), "float32", "pallas", 12.0, 25.0, 60.0, note="time_splits=5")]
+    def row(impl, fwd, fwd_vjp, bwd, fb, note=""):
+        return Row((2, 8, 4, 2), "float32", impl, fwd_us=fwd, fwd_vjp_us=fwd_vjp, bwd_us=bwd,
+                   fb_us=fb, note=note)
+
+    rows = [row("pallas", 10.0, 11.0, 30.0, 40.0, note="time_splits=5"),
+            row("sequential", 7.0, 8.0, None, 9.0),
+            row("pallas", 14.0, 16.0, 20.0, 50.0, note="time_splits=5"),
+            row("sequential", 5.0, 6.0, None, 11.0),
+            row("pallas", 12.0, 19.0, 25.0, 60.0, note="time_splits=5")]
     print_spread(rows, 3)
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2] == ("| (2, 8, 4, 2) | float32 | pallas (time_splits=5) | 12 (10-14) | "
-                         "25 (20-30) | 50 (40-60) | 3 |")
-    assert lines[-1] == "| (2, 8, 4, 2) | float32 | sequential | 6 (5-7) | - | 10 (9-11) | 2 |"
+                         "16 (11-19) | 25 (20-30) | 50 (40-60) | 3 |")
+    assert lines[-1] == ("| (2, 8, 4, 2) | float32 | sequential | 6 (5-7) | 7 (6-8) | - | "
+                         "10 (9-11) | 2 |")
 
 
 def test_repeat_times_the_whole_list_in_rounds(capsys):
     rows = main(["--quick", "--impls", "sequential,associative", "--dtypes", "float32",
                  "--shapes", "1", "--repeat", "2", "--budget", "0.01"])
     assert [r.impl for r in rows] == ["sequential", "associative"] * 2
-    assert all(r.fwd_us and r.bwd_us and r.fb_us and r.fwd_floor_us for r in rows)
+    assert all(r.fwd_us and r.fwd_vjp_us and r.bwd_us and r.fb_us and r.fwd_floor_us
+               for r in rows)
     out = capsys.readouterr().out
     assert "median (min-max) over 2 rounds, us" in out
     assert out.count("| 2 |") == 2
