@@ -37,3 +37,23 @@ def test_repeat_times_the_whole_list_in_rounds(capsys):
 def test_repeat_must_be_positive():
     with pytest.raises(SystemExit):
         main(["--quick", "--repeat", "0"])
+
+
+def test_forward_saving_returns_only_the_residuals_it_computes():
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from benchmarks.scan_bench import forward_saving  # noqa: PLC0415
+
+    x, w = jnp.arange(3.0), jnp.float32(2.0)
+
+    def f(x, w):
+        return jnp.sin(x) * w
+
+    y, saved = forward_saving(f, x, w)
+    assert jnp.allclose(y, jnp.sin(x) * w)
+    # The product's vjp keeps w (an input: left out) and sin(x), sin's keeps cos(x).
+    everything = jax.tree.leaves(jax.vjp(f, x, w)[1])
+    assert any(r is w for r in everything) and len(saved) == len(everything) - 1
+    assert sorted(float(r.sum()) for r in saved) == sorted(
+        float(v.sum()) for v in (jnp.sin(x), jnp.cos(x)))
