@@ -10,7 +10,8 @@ depend on the state, so they are issued together and the memory latency is paid 
 chunk instead of once per step.
 
 Forward: saves the state at every checkpoint interval of K steps (b, L/K, N, E), plus the
-output and the final state.
+output and the final state. The forward alone (the primal, outside differentiation) saves no
+checkpoints and chooses its own time splits (below).
 
 Backward: walks the checkpoint intervals from last to first. An interval is recomputed from
 its checkpoint in sub-chunks of `bwd_unroll` steps (the state at each sub-chunk start goes to
@@ -41,6 +42,8 @@ exp(A * sum of its step sizes) for a diagonal A, so:
             rest; dB and dC partials are indexed by time and need nothing.
 
 The summaries cost one more pass of exps over (S-1)/S of the sequence in each direction.
+Training's S must suit the backward too (they share the checkpoints); the forward alone
+weighs only its own summary pass against idle multiprocessors (`auto_forward_time_splits`).
 
 Any length and width: time steps past the end and channels past the block edge are masked
 (delta forced to 0, so the padded steps leave the state untouched). N is padded to a power of
