@@ -125,7 +125,7 @@ class TritonConfig(NamedTuple):
     bwd_kernel_carry: bool = False
     # The forward alone (outside differentiation: nothing is saved for a backward, so no
     # checkpoints are written) may cut time into its own number of segments: 0 (the default):
-    # `auto_forward_time_splits` picks; >= 1: that many.
+    # `time_splits` if that is set, else `auto_forward_time_splits` picks; >= 1: that many.
     fwd_only_time_splits: int = 0
 
 
