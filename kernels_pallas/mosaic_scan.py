@@ -122,7 +122,9 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options):
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, opts.has_h0)
     (u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref), rest = split_refs(
         refs, flags)
-    y_ref, hlast_ref, ck_ref, h_scr = rest
+    *outs, h_scr = rest
+    y_ref, hlast_ref, *ck_ref = outs  # no checkpoints for a forward alone
+    ck_ref = ck_ref[0] if ck_ref else None
     blk = _Block(d, opts.reverse, backward=False)
 
     @pl.when(blk.visit == 0)
@@ -130,7 +132,8 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options):
         h_scr[...] = (h0_ref[0, 0] if h0_ref is not None
                       else jnp.zeros((d.state, d.block_e), jnp.float32))
 
-    ck_ref[0, 0, 0] = h_scr[...]
+    if ck_ref is not None:
+        ck_ref[0, 0, 0] = h_scr[...]
     a = a_ref[0]  # (N, block_e)
     bias = bias_ref[0] if bias_ref is not None else None  # (1, block_e)
     dvec = d_ref[0] if d_ref is not None else None
@@ -202,8 +205,8 @@ def _state_out(x, d: _Dims):
 
 
 def forward(opts: Options, args: Normalised, residual: bool = True):
-    """Returns y (b, L, E), the final state (b, E, N) float32 and the checkpoints (computed
-    with or without `residual`: the TPU kernel writes them either way)."""
+    """Returns y (b, L, E), the final state (b, E, N) float32 and the checkpoints (None
+    without `residual`: a forward alone writes none)."""
     cfg: MosaicConfig = opts.backend_config
     d = _dims(args, cfg)
     rows, cols, chan, vec, state, ck = _specs(d, opts, backward=False)
@@ -214,16 +217,20 @@ def forward(opts: Options, args: Normalised, residual: bool = True):
     b, g, eg, n = d.batch, d.groups, d.group_width, d.state
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((b, g, d.length, eg), args.u.dtype),
-                 jax.ShapeDtypeStruct((b, g, n, eg), f32),
-                 jax.ShapeDtypeStruct((b, g, d.n_t, n, eg), f32))
-    y, h_last, checkpoints = pl.pallas_call(
+                 jax.ShapeDtypeStruct((b, g, n, eg), f32))
+    out_specs = (rows, state)
+    if residual:
+        out_shape += (jax.ShapeDtypeStruct((b, g, d.n_t, n, eg), f32),)
+        out_specs += (ck,)
+    y, h_last, *checkpoints = pl.pallas_call(
         functools.partial(_fwd_kernel, d=d, opts=opts), out_shape=out_shape,
-        grid=(b, g, d.n_e, d.n_t), in_specs=in_specs, out_specs=(rows, state, ck),
+        grid=(b, g, d.n_e, d.n_t), in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((n, d.block_e), f32)],
         compiler_params=_compiler_params(), interpret=opts.interpret,
         name="selective_scan_fwd",
     )(*ins)
-    return _from_groups(y, d), _state_out(h_last, d), checkpoints
+    return (_from_groups(y, d), _state_out(h_last, d),
+            checkpoints[0] if checkpoints else None)
 
 
 def _bwd_kernel(*refs, d: _Dims, opts: Options):

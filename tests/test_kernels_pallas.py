@@ -11,6 +11,8 @@ for its platform (no device needed).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -354,6 +356,9 @@ def test_forward_and_backward_lower_for_their_platform(rng, backend, platform, m
     text = jax.jit(jax.grad(loss, argnums=tuple(range(9)))).trace(*xs).lower(
         lowering_platforms=(platform,)).as_text()
     assert text.count(marker) >= 2, f"expected a forward and a backward {marker} call"
+    # The forward alone (no checkpoint output) lowers too.
+    text = jax.jit(loss).trace(*xs).lower(lowering_platforms=(platform,)).as_text()
+    assert marker in text
 
 
 @pytest.mark.parametrize("batch,grid", [(7, (2, 7)), (70000, (70000, 2))])
@@ -445,11 +450,16 @@ def test_triton_modules_verify(rng, monkeypatch):
         xs = [given[k] for k in names]
         jax.jit(jax.grad(loss, argnums=tuple(range(len(xs))))).trace(*xs).lower(
             lowering_platforms=("cuda",))
+    # The forward alone, with no checkpoint output: unsplit, and in 3 segments.
+    for fwd_only in (1, 3):
+        jax.jit(functools.partial(loss, config=TritonConfig(fwd_only_time_splits=fwd_only))
+                ).trace(*xs).lower(lowering_platforms=("cuda",))
     names = [str(module.operation.attributes["sym_name"]).strip('"') for module in modules]
     whole, split = ["selective_scan_fwd", "selective_scan_bwd"], [
         "selective_scan_fwd_summary", "selective_scan_fwd", "selective_scan_bwd_summary",
         "selective_scan_bwd"]
-    assert names == whole * 3 + split * 4, names
+    alone = ["selective_scan_fwd", "selective_scan_fwd_summary", "selective_scan_fwd"]
+    assert names == whole * 3 + split * 4 + alone, names
     for module in modules:
         with module.context:
             assert module.operation.verify()
