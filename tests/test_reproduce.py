@@ -144,28 +144,45 @@ def test_reseed_check_fires_at_exchange_336_and_720_only(driver):
     assert fired == {("exchange_rate", 336), ("exchange_rate", 720)}
 
 
-def test_stage_five_is_next_after_the_recorded_stages(driver):
+def test_stage_seven_is_next_after_the_recorded_stages(driver):
     """The search stages, in order; every (data set, horizon) of the recorded runs has stages 1
-    to 4 and needs just its stage-5 run, on its stage-1 choice, next."""
+    to 5 and needs just its stage-7 run, on its stage-1 choice, next."""
     assert list(driver.OPTIONS) == ["td2_ra", "ls0_mlr", "ls0_mlr_d0_lr1e-3",
-                                    "ls0_mlr001_d0_lr1e-3"]
+                                    "ls0_mlr001_d0_lr1e-3", "ls0_mlr001_d0_lr1e-3_wd1e-1"]
     rows = [json.loads(line) for line in RUNS.read_text().splitlines()]
     found = {}
     for r in filter(driver._is_search_run, rows):
         found.setdefault((r["dataset"], r["horizon"]), {})[r["candidate"]] = r
     assert set(found) == {(d, h) for d in driver.DATASETS for h in driver.HORIZONS}
     for key, runs in found.items():
-        runs = {n: r for n, r in runs.items() if not n.endswith("+ls0_mlr001_d0_lr1e-3")}
+        runs = {n: r for n, r in runs.items() if not n.endswith("_wd1e-1")}
         first = driver.stage1_choice(key[0], runs)
-        assert driver.follow_up(*key, runs) == ("stage2", [f"{first}+ls0_mlr001_d0_lr1e-3"])
-    overrides = driver.candidate_overrides("etth1", "d32_l1_lr1e-4+ls0_mlr001_d0_lr1e-3")
+        assert driver.follow_up(*key, runs) == ("stage2",
+                                                [f"{first}+ls0_mlr001_d0_lr1e-3_wd1e-1"])
+    overrides = driver.candidate_overrides("etth1", "d32_l1_lr1e-4+ls0_mlr001_d0_lr1e-3_wd1e-1")
     assert overrides == {**driver.SMALL_GRID["d32_l1_lr1e-4"], "model.layer_scale": 0.0,
                          "model.dropout": 0.0, "optimizer.lr": 1e-3,
-                         "optimizer.lr_scale_rules": ((driver.MIXER_PARAMS, 0.01),)}
+                         "optimizer.lr_scale_rules": ((driver.MIXER_PARAMS, 0.01),),
+                         "optimizer.weight_decay": 0.1}
     config = driver.job_config(dict(dataset="etth1", horizon=336, seed=0, overrides=overrides),
                                quick=False)
     assert config.optimizer.lr_scale_rules == ((driver.MIXER_PARAMS, 0.01),)
-    assert (config.model.d_model, config.optimizer.lr, config.train.patience) == (32, 1e-3, 3)
+    assert (config.model.d_model, config.optimizer.lr, config.train.patience,
+            config.optimizer.weight_decay) == (32, 1e-3, 3, 0.1)
+
+
+def test_a_look_run_is_the_search_run_of_the_stage_it_becomes(driver):
+    """Stage 7's ETTh search runs are those of the look that led to it: the look's job and
+    the stage's job agree, and so do the recorded runs' overrides."""
+    base = "d32_l1_lr1e-4+ls0_mlr001_d0_lr1e-3"
+    look = driver.look_job("etth1", 336, base, "wd1e-1", {"optimizer.weight_decay": 0.1}, "d")
+    assert look == driver._search_job("etth1", 336, f"{base}_wd1e-1", "d")
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines()]
+    looked = [r for r in rows if "look" in r.get("note", "")]
+    assert {r["dataset"] for r in looked} == {"etth1", "etth2"} and len(looked) == 8
+    for r in looked:
+        recorded = {k: driver._as_tuples(v) for k, v in r["overrides"].items()}
+        assert recorded == driver.candidate_overrides(r["dataset"], r["candidate"])
 
 
 def test_candidates_do_not_inherit_the_recorded_choice(driver):
