@@ -483,7 +483,12 @@ def cmd_look(args):
     looks = {}
     for text in args.option:
         name, _, overrides = text.partition("=")
-        looks[name] = json.loads(overrides)
+        try:
+            looks[name] = json.loads(overrides)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--option {text!r}: not NAME={{JSON object}} ({err})") from None
+        if not name or not isinstance(looks[name], dict):
+            raise SystemExit(f"--option {text!r}: not NAME={{JSON object}}")
     found, more = runs_by_pair(json.loads(line) for line in
                                pathlib.Path(args.runs).read_text().splitlines())
     out = pathlib.Path(args.out)
