@@ -372,10 +372,15 @@ def winners(rows: list[dict]) -> dict[tuple[str, int], str]:
     return {key: name for key, name in chosen.items() if name is not None}
 
 
+def read_runs(path) -> list[dict]:
+    """The rows of a JSON-lines runs file."""
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
 def _done_runs(out: pathlib.Path) -> dict[str, dict]:
     """The successful runs already in a JSON-lines file, by tag."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = map(json.loads, out.read_text().splitlines()) if out.exists() else ()
+    rows = read_runs(out) if out.exists() else []
     return {row["tag"]: row for row in rows if "error" not in row}
 
 
@@ -489,8 +494,7 @@ def cmd_look(args):
             raise SystemExit(f"--option {text!r}: not NAME={{JSON object}} ({err})") from None
         if not name or not isinstance(looks[name], dict):
             raise SystemExit(f"--option {text!r}: not NAME={{JSON object}}")
-    found, more = runs_by_pair(json.loads(line) for line in
-                               pathlib.Path(args.runs).read_text().splitlines())
+    found, more = runs_by_pair(read_runs(args.runs))
     out = pathlib.Path(args.out)
     done = _done_runs(out)
     jobs, cells = [], {}
@@ -585,7 +589,7 @@ def print_reseeds(ok: list[dict], chosen: dict[tuple[str, int], str]) -> None:
 
 
 def cmd_table(args):
-    rows = [json.loads(line) for line in pathlib.Path(args.runs).read_text().splitlines()]
+    rows = read_runs(args.runs)
     # A tag run again (a rerun after an error or a lost machine) counts once: its last success.
     ok = list({r["tag"]: r for r in rows if "error" not in r}.values())
     errors = [r for r in rows if "error" in r and r["tag"] not in {o["tag"] for o in ok}]
