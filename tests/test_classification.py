@@ -84,7 +84,7 @@ def test_tiny_vim2_learns_real_images_through_the_loop(cifar_folder, tmp_path):
     assert results["test_top1"] > 0.7  # the training images themselves (two classes)
 
     from mmx_jax.train.evaluate import evaluate_and_report  # noqa: PLC0415
-    from mmx_jax.train.loop import load_config  # noqa: PLC0415
+    from mmx_jax.train.workdir import load_config  # noqa: PLC0415
 
     config = load_config(tmp_path / "run")
     config.eval.flip_tta = True

@@ -173,7 +173,7 @@ def test_eval_errors_name_what_is_missing(tmp_path):
         evaluate_and_report(tmp_path)
     config = small_config()
     config.mesh.update(data=1, fsdp=1)
-    with pytest.raises(CheckpointNotFoundError, match="no best checkpoint in .*train first"):
+    with pytest.raises(CheckpointNotFoundError, match="no validated checkpoint in .*train first"):
         evaluate_and_report(tmp_path, config=config, devices=jax.devices()[:1])
     train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
     with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint at step 3 in .* "

@@ -341,7 +341,7 @@ def dataset_path(source: str | os.PathLike, *, data_dir: str | os.PathLike | Non
     then $MMX_DATA_DIR, then the bundled folder when data_dir is given; without data_dir, the
     bundled folder first (so "ETTh1" is the bundled copy), then $MMX_DATA_DIR.
     """
-    if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
+    if isinstance(source, os.PathLike) or looks_like_path(str(source)):
         path = pathlib.Path(source).expanduser()
         if not path.is_file():
             raise DataFileNotFoundError(f"data file {str(path)!r} does not exist "
@@ -568,7 +568,8 @@ def _check_features(features, *, where: str = "") -> None:
                                    f"{features!r}")
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """Whether a data source string is a file path (else a data set name)."""
     return (os.sep in source or "/" in source
             or any(source.lower().endswith(s) for s in _SUFFIXES))
 

@@ -16,6 +16,8 @@ last ones of a fixed permutation), or the evaluation split when it is 0.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,6 +106,19 @@ class ClassificationTask(Task):
         config.data.pipeline = "memory"
         return cls(config, {"train": arrays, "val": arrays, "test": arrays}, num_classes)
 
+    def fingerprint(self) -> str:
+        """The splits' sizes and class names, and the sources' own fingerprints where they
+        have them (file lists and sizes of image folders)."""
+        def digest(source) -> str:
+            if isinstance(source, img.ImageArrays):  # labels and a sample of the images
+                sample = source.images[::max(1, len(source) // 256)]
+                return hashlib.sha256(source.labels.tobytes() + sample.tobytes()).hexdigest()
+            return getattr(source, "fingerprint", lambda: "")()
+
+        parts = [[split, len(source), digest(source)[:16]]
+                 for split, source in sorted(self.sources.items())]
+        return json.dumps([parts, list(self.sources["train"].class_names)])
+
     # -- model ----------------------------------------------------------------------------
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return self._create_model(rngs, num_classes=self.num_classes)
@@ -118,7 +133,15 @@ class ClassificationTask(Task):
 
     def train_batches(self, start_step: int, steps_per_epoch: int
                       ) -> Iterator[dict[str, np.ndarray]]:
-        """This process's rows of each training batch from `start_step` on (endless)."""
+        """This process's rows of each training batch from `start_step` on (endless): image,
+        label and the global step as the augmentation seed."""
+        del steps_per_epoch  # the sampling plan has its own, the same (`steps_per_epoch`)
+        for batch in self.train_stream(start_step):
+            yield {"image": batch["image"], "label": batch["label"], "seed": batch["seed"]}
+
+    def train_stream(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        """`train_batches` with the training-split index of every row ("index"): each
+        process reads its own shard of every epoch's permutation (`data.images.EpochPlan`)."""
         d, seed = self.config.data, self.config.seed
         local = self._local(self.train_batch_size)
         if d.pipeline == "memory":
@@ -134,7 +157,7 @@ class ClassificationTask(Task):
             stream = loader.iterate(start_step)
         for step, batch in enumerate(stream, start_step):
             # One augmentation seed per global step, the same on every process.
-            yield {"image": batch["image"], "label": batch["label"],
+            yield {"image": batch["image"], "label": batch["label"], "index": batch["index"],
                    "seed": np.full(len(batch["label"]), step, np.uint32)}
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:

@@ -1,10 +1,10 @@
 """The training loop and checkpoint evaluation.
 
-train_and_evaluate reads top to bottom: build the mesh, jit the steps with explicit shardings
-and donated state and start compiling them in the background, build the model and optimizer
-state already sharded on the mesh (or restore the latest checkpoint if the workdir has one),
-loop with validation, early stopping, checkpoints and metric writers, then test the best
-checkpoint.
+train_and_evaluate reads top to bottom: claim the workdir (one owner, one config), build the
+mesh, jit the steps with explicit shardings and donated state and start compiling them in the
+background, build the model and optimizer state already sharded on the mesh (or restore the
+latest checkpoint if the workdir has one), loop with validation, early stopping, checkpoints
+and metric writers (`Trainer`), then test the best checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mmx_jax.train import distributed
 from mmx_jax.train.checkpoint import Checkpoints, abstract_with_shardings
+from mmx_jax.train.faults import kill_point
 from mmx_jax.train.optim import make_optimizer, schedule_position, time_clocked
 from mmx_jax.train.sharding import (
     batch_sharding,
@@ -37,6 +39,7 @@ from mmx_jax.train.sharding import (
     state_shardings,
 )
 from mmx_jax.train.tasks import make_task
+from mmx_jax.train.workdir import atomic_write_text, claim_workdir
 from mmx_jax.train.writers import MetricWriter, progress_bar
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,7 @@ class Run:
     graphdefs: dict[str, nnx.GraphDef]
     abstract_state: dict[str, Any]
     shardings: dict[str, Any]
-    checkpoints: Checkpoints
+    checkpoints: Checkpoints | None
 
     def init_state(self):
         """A fresh state, created directly with its shardings."""
@@ -79,6 +82,13 @@ class Run:
         """(state, meta, step) of a checkpoint, placed on this run's mesh."""
         target = abstract_with_shardings(self.abstract_state, self.shardings)
         return self.checkpoints.restore(which, target)
+
+    def facts(self) -> dict[str, Any]:
+        """What every process of a run must agree on beyond the config: the data it read
+        and the devices it found."""
+        return {"data": self.task.fingerprint(), "devices": jax.device_count(),
+                "devices per process": jax.local_device_count(),
+                "steps per epoch": self.steps_per_epoch}
 
     def model(self, state, *, use_ema: bool = True) -> nnx.Module:
         """The model of a state (with EMA weights when the state has them); `state` itself is
@@ -116,6 +126,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, tas
           devices=None, read_only: bool = False) -> Run:
     """Builds the task, mesh, abstract state and its shardings, and the checkpoint managers."""
     workdir = pathlib.Path(workdir)
+    if config.train.num_epochs < 1:
+        raise ValueError(f"train.num_epochs={config.train.num_epochs} must be at least 1")
     task = task or make_task(config)
     mesh = build_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     global_batch_size = task.train_batch_size
@@ -130,13 +142,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, tas
     run = Run(config=config, workdir=workdir, task=task, mesh=mesh,
               steps_per_epoch=steps_per_epoch,
               total_steps=steps_per_epoch * config.train.num_epochs, graphdefs={},
-              abstract_state={}, shardings={},
-              checkpoints=Checkpoints(workdir, keep=config.train.keep_checkpoints,
-                                      read_only=read_only))
+              abstract_state={}, shardings={}, checkpoints=None)
     graphdefs, abstract_state = _split(*nnx.eval_shape(run._build))
     run.graphdefs, run.abstract_state = graphdefs, abstract_state
     run.shardings = state_shardings(abstract_state, mesh, config.sharding.rules,
                                     config.sharding.fsdp_min_size)
+    # Last: the managers hold threads, which the callers close (`run.checkpoints.close()`).
+    run.checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints,
+                                  read_only=read_only)
     return run
 
 
@@ -173,6 +186,11 @@ class Step:
     def __call__(self, *args):
         return (self._compiled.result() if self._compiled else self._jitted)(*args)
 
+    def wait(self) -> None:
+        """Blocks until a background compilation has ended (its errors are the call's)."""
+        if self._compiled is not None:
+            concurrent.futures.wait([self._compiled])
+
 
 def make_train_step(run: Run):
     """The jitted step, ``step(state, batch, schedule_step=None) -> (state, metrics)``.
@@ -207,6 +225,7 @@ def make_train_step(run: Run):
 
     step.trace = lambda state, batch: jitted.trace(state, batch, np.float32(0.0))
     step.precompile = lambda state, batch: jitted.precompile(state, batch, position_spec)
+    step.wait = jitted.wait
     return step
 
 
@@ -221,6 +240,29 @@ def make_eval_step(run: Run):
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     return Step(jax.jit(eval_step, in_shardings=(run.shardings, batch_sharding(run.mesh)),
                         out_shardings=replicated))
+
+
+def make_predict_step(run: Run):
+    """``predict(state, batch) -> np.ndarray``: `task.predict` of the state's model (EMA
+    weights where the state has them) on a small batch that every process holds in full (no
+    batch-size constraint); every process gets the whole output. For plots and predictions;
+    all processes must call it together."""
+    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+
+    def predict(state, batch):
+        model = run.model(state)
+        model.eval()
+        return run.task.predict(model, batch)
+
+    jitted = jax.jit(predict, in_shardings=(run.shardings, replicated),
+                     out_shardings=replicated)
+
+    def call(state, batch: dict[str, np.ndarray]) -> np.ndarray:
+        placed = {k: jax.make_array_from_process_local_data(replicated, np.asarray(v))
+                  for k, v in batch.items()}
+        return np.asarray(jax.device_get(jitted(state, placed)))
+
+    return call
 
 
 def place_batch(run: Run, local: dict[str, np.ndarray], global_size: int):
@@ -248,197 +290,253 @@ def evaluate_split(run: Run, state, split: str, eval_step=None) -> dict[str, flo
 
 
 class _StopSignal:
-    """Turns SIGTERM into a flag the loop checks, so it can save before exiting."""
+    """Turns SIGTERM (and, with several processes, SIGINT) into a flag the loop checks, so
+    that it can save before exiting. With one process Ctrl-C stays a KeyboardInterrupt."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, the flag stays False
-            self._previous = None
+        signals = [signal.SIGTERM] + ([signal.SIGINT] if jax.process_count() > 1 else [])
+        for sig in signals:
+            # Outside the main thread there is no handler and the flag stays False.
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def _save_config(config, workdir: pathlib.Path) -> None:
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+class Trainer:
+    """One training run of a workdir: resume or initialise, the step loop with validation,
+    checkpoints and logs, then the test of the best checkpoint.
 
+    Decisions that a process could take alone (a stop signal, the time limit) are taken by
+    all processes together at the same step (`_sync_point`): at log, validation and
+    checkpoint steps with several processes, at every step with one.
+    """
 
-def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The resolved config a run saved in its workdir."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a train.py run?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    def __init__(self, run: Run, began: float):
+        self.run, self.began = run, began
+        self.config, self.tcfg = run.config, run.config.train
+        worst = math.inf if run.task.validation_mode == "min" else -math.inf
+        self.meta = {"best_val": worst, "best_step": -1, "bad_evals": 0,
+                     "last_eval_step": 0, "finished": False}
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked
+        self.train_step, self.eval_step = make_train_step(run), make_eval_step(run)
+        self.clocked = time_clocked(self.config.optimizer)
+
+    # -- start ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Compiles both steps in the background while the state is built or restored."""
+        run = self.run
+        latest = run.checkpoints.latest_step()
+        state_spec = jax.eval_shape(run.init_state)
+        # The batches for the compilation come from the resume point when there is one (a
+        # corrupt latest checkpoint makes it earlier: the stream is rebuilt below).
+        self.batches = run.task.train_batches(latest or 0, run.steps_per_epoch)
+        first = next(self.batches)
+        self.batches = itertools.chain([first], self.batches)
+        self.train_step.precompile(state_spec, batch_spec(run, first, run.task.train_batch_size))
+        val_batches = run.task.eval_batches("val")
+        self.eval_step.precompile(state_spec, batch_spec(run, next(val_batches),
+                                                         run.task.eval_batch_size))
+        val_batches.close()
+        if latest is not None:
+            self.state, saved_meta, self.step = run.restore("latest")
+            self.meta.update(saved_meta)
+            if self.step != latest:
+                self.batches = run.task.train_batches(self.step, run.steps_per_epoch)
+            log.info("resumed from %s at step %d", run.checkpoints.path(self.step), self.step)
+        else:
+            self.state, self.step = run.init_state(), 0
+        self.last_saved = self.step if latest is not None else None
+        self.writer = MetricWriter(run.workdir, resume_lines=self.meta.get("log_lines")
+                                   if latest is not None else 0, resume_step=self.step)
+        log.info("state ready after %.1f s", time.time() - self.began)
+        kill_point("resumed")
+
+    def wait_for_compilers(self) -> None:
+        """Lets background compilations end before the process does (a thread killed inside
+        XLA at exit aborts the interpreter)."""
+        self.train_step.wait()
+        self.eval_step.wait()
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self) -> None:
+        run = self.run
+        self.bar = progress_bar(run.total_steps, self.step, f"train {self.config.task}")
+        self.started, self.started_step = time.time(), self.step
+        self.first_done = None
+        with _StopSignal() as stop:
+            try:
+                while self.step < run.total_steps and not self.meta["finished"]:
+                    self._train_one_step()
+                    if self._end_of_step(stop.requested):
+                        raise KeyboardInterrupt("SIGTERM")
+                self.meta["finished"] = True
+                if self.last_saved != self.step:
+                    self._save()
+            except KeyboardInterrupt:
+                if self.last_saved != self.step:
+                    log.warning("interrupted at step %d: saving a checkpoint before exiting",
+                                self.step)
+                    self._save()
+                raise
+            finally:
+                self.bar.close()
+                run.checkpoints.wait()
+        log.info("training ended at step %d after %.1f s", self.step, time.time() - self.began)
+
+    def _train_one_step(self) -> None:
+        """Dispatches one training step; logs every `train.log_every_steps`."""
+        run, tcfg = self.run, self.tcfg
+        batch = place_batch(run, next(self.batches), run.task.train_batch_size)
+        position = self.step
+        if self.clocked and self.first_done is not None and tcfg.get("time_limit_s"):
+            position = schedule_position(
+                self.step, run.total_steps, time.time() - self.first_done,
+                self.started + tcfg.time_limit_s - self.first_done)
+        self.state, metrics = self.train_step(self.state, batch, position)
+        if self.first_done is None:
+            self.first_done = time.time()
+            log.info("first step dispatched after %.1f s (compilation included)",
+                     self.first_done - self.began)
+        self.step += 1
+        kill_point("step")
+        step = self.step
+        self.pending.append((step, metrics))
+        self.bar.update(1)
+        if step % tcfg.log_every_steps == 0:
+            means = self._check_finite()
+            rate = (step - self.started_step) / max(time.time() - self.started, 1e-9)
+            self.writer.write(step, {"train_loss": means["loss"],
+                                     "grad_norm": means["grad_norm"], "steps_per_sec": rate,
+                                     **({"schedule_step": position} if self.clocked else {})})
+            self.bar.set_postfix(loss=f"{means['loss']:.4f}")
+
+    def _end_of_step(self, stop_requested: bool) -> bool:
+        """Validation, early stopping, the time limit and checkpoints after a step. Returns
+        whether to stop for a signal (after saving)."""
+        run, tcfg, step = self.run, self.tcfg, self.step
+        validate = step % (tcfg.eval_every_steps or run.steps_per_epoch) == 0 \
+            or step == run.total_steps
+        save = validate or step % tcfg.checkpoint_every_steps == 0
+        stopping, timed_out = self._sync_point(
+            stop_requested, at_sync=save or step % tcfg.log_every_steps == 0)
+        if timed_out:
+            log.warning("train.time_limit_s=%s reached at step %d: stopping early",
+                        tcfg.time_limit_s, step)
+        if validate or (timed_out and self.meta["last_eval_step"] != step):
+            self._check_finite()
+            self._validate(patience=0 if timed_out else tcfg.patience)
+        if timed_out:
+            self.meta["finished"] = True
+        if save or timed_out:
+            self._save()
+        return stopping
+
+    def _sync_point(self, stop_requested: bool, at_sync: bool) -> tuple[bool, bool]:
+        """(stop, time limit reached), the same on every process: with several processes
+        they are only decided at log and checkpoint steps (`at_sync`), all together."""
+        limit = self.tcfg.get("time_limit_s")
+        timed_out = bool(limit) and time.time() - self.started > limit
+        if jax.process_count() == 1:
+            return stop_requested, timed_out
+        if not at_sync:
+            return False, False
+        flags = distributed.gather_json([stop_requested, timed_out])
+        return any(f[0] for f in flags), any(f[1] for f in flags)
+
+    def _check_finite(self) -> dict[str, float]:
+        """Fetches pending step metrics; raises if any loss is NaN/inf. Returns the means."""
+        if not self.pending:
+            return {}
+        values = jax.device_get([m for _, m in self.pending])
+        spe = self.run.steps_per_epoch
+        for (s, _), m in zip(self.pending, values, strict=True):
+            if not np.isfinite(m["loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({m['loss']}) at step {s} (epoch "
+                    f"{(s - 1) // spe}, batch {(s - 1) % spe}); training stopped. The last "
+                    f"good checkpoint is step {self.last_saved} in "
+                    f"{self.run.checkpoints.folder}: look for NaN/inf in the data "
+                    "or lower optimizer.lr.")
+        self.pending.clear()
+        return {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+
+    def _save(self) -> None:
+        self._check_finite()
+        kill_point("save")
+        self.run.checkpoints.save(self.step, self.state,
+                                  {**self.meta, "step": self.step, "log_lines": self.writer.lines})
+        kill_point("saving")
+        self.last_saved = self.step
+
+    def _validate(self, patience: int) -> None:
+        """Validation, best step and early stopping (updates `self.meta`)."""
+        run, meta, step = self.run, self.meta, self.step
+        name = run.task.validation_metric
+        metrics = evaluate_split(run, self.state, "val", self.eval_step)
+        value = metrics[name]
+        meta["last_eval_step"] = step
+        kill_point("validated")
+        better = value < meta["best_val"] if run.task.validation_mode == "min" \
+            else value > meta["best_val"]
+        if better:
+            meta.update(best_val=value, best_step=step, bad_evals=0)
+        else:
+            meta["bad_evals"] += 1
+            if patience and meta["bad_evals"] >= patience:
+                log.info("early stopping at step %d: val %s has not improved for %d "
+                         "evaluations", step, name, patience)
+                meta["finished"] = True
+        self.writer.write(step, {f"val_{k}": v for k, v in metrics.items()}
+                          | {"best_val_" + name: meta["best_val"]})
+
+    # -- the end --------------------------------------------------------------------------
+    def test(self) -> dict[str, Any]:
+        """Tests the best checkpoint; writes results.json (process 0) and returns it."""
+        run = self.run
+        best_state, best_meta, best_step = run.restore("best")
+        results = {"best_step": best_step, "best_val_" + run.task.validation_metric:
+                   best_meta["best_val"], "steps": self.step,
+                   **{f"test_{k}": v for k, v in evaluate_split(run, best_state, "test",
+                                                                self.eval_step).items()}}
+        kill_point("results")
+        self.writer.write(self.step, results)
+        self.writer.close()
+        if jax.process_index() == 0:
+            atomic_write_text(run.workdir / "results.json", json.dumps(results, indent=2) + "\n")
+        log.info("best checkpoint tested after %.1f s", time.time() - self.began)
+        return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        task=None, devices=None) -> dict[str, Any]:
     """Trains (resuming from the workdir's latest checkpoint), then tests the best checkpoint.
 
-    Returns the final metrics, also written to workdir/results.json.
+    The workdir is claimed first (`workdir.claim_workdir`: one owner, one config). Returns
+    the final metrics, also written to workdir/results.json.
     """
-    workdir = pathlib.Path(workdir)
     began = time.time()
-    _save_config(config, workdir)
-    run = setup(config, workdir, task=task, devices=devices)
-    log.info("data and model set up in %.1f s", time.time() - began)
-    writer = MetricWriter(workdir)
-    tcfg = config.train
-
-    worst = math.inf if run.task.validation_mode == "min" else -math.inf
-    meta = {"best_val": worst, "best_step": -1, "bad_evals": 0,
-            "last_eval_step": 0, "finished": False}
-    spe = run.steps_per_epoch
-    latest = run.checkpoints.latest_step()
-    step = latest or 0
-    # Compile both steps in the background, for the abstract state and the first batches,
-    # while the state is built or restored.
-    train_step, eval_step = make_train_step(run), make_eval_step(run)
-    state_spec = jax.eval_shape(run.init_state)
-    batches = run.task.train_batches(step, spe)
-    first = next(batches)
-    batches = itertools.chain([first], batches)
-    train_step.precompile(state_spec, batch_spec(run, first, run.task.train_batch_size))
-    val_batches = run.task.eval_batches("val")
-    eval_step.precompile(state_spec, batch_spec(run, next(val_batches),
-                                                run.task.eval_batch_size))
-    val_batches.close()
-
-    if latest is not None:
-        state, saved_meta, step = run.restore("latest")
-        meta.update(saved_meta)
-        log.info("resumed from %s at step %d", run.checkpoints.workdir / "checkpoints", step)
-        writer.truncate_after(step)
-    else:
-        state = run.init_state()
-    log.info("state ready after %.1f s", time.time() - began)
-
-    eval_every = tcfg.eval_every_steps or spe
-    pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
-    last_saved = latest
-
-    def check_finite():
-        """Fetches pending step metrics; raises if any loss is NaN/inf. Returns the means."""
-        if not pending:
-            return {}
-        values = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, values, strict=True):
-            if not np.isfinite(m["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({m['loss']}) at step {s} (epoch "
-                    f"{(s - 1) // spe}, batch {(s - 1) % spe}); training stopped. The last "
-                    f"good checkpoint is step {last_saved} in "
-                    f"{run.checkpoints.workdir / 'checkpoints'}: look for NaN/inf in the data "
-                    "or lower optimizer.lr.")
-        pending.clear()
-        return {k: float(np.mean([m[k] for m in values])) for k in values[0]}
-
-    def save(at_step):
-        nonlocal last_saved
-        check_finite()
-        run.checkpoints.save(at_step, state, {**meta, "step": at_step})
-        last_saved = at_step
-
-    bar = progress_bar(run.total_steps, step, f"train {config.task}")
-    started, started_step = time.time(), step
-    # A time-clocked schedule ends at the time limit: its budget is what is left of the limit
-    # once the first step (and its compilation) is done.
-    clocked = time_clocked(config.optimizer)
-    first_done = None
-    with _StopSignal() as stop:
+    with claim_workdir(config, workdir) as workdir:
+        run = setup(config, workdir, task=task, devices=devices)
+        trainer = None
         try:
-            while step < run.total_steps and not meta["finished"]:
-                batch = place_batch(run, next(batches), run.task.train_batch_size)
-                position = step
-                if clocked and first_done is not None and tcfg.get("time_limit_s"):
-                    position = schedule_position(
-                        step, run.total_steps, time.time() - first_done,
-                        started + tcfg.time_limit_s - first_done)
-                state, metrics = train_step(state, batch, position)
-                if first_done is None:
-                    first_done = time.time()
-                    log.info("first step dispatched after %.1f s (compilation included)",
-                             first_done - began)
-                step += 1
-                pending.append((step, metrics))
-                bar.update(1)
-                if step % tcfg.log_every_steps == 0:
-                    means = check_finite()
-                    rate = (step - started_step) / max(time.time() - started, 1e-9)
-                    writer.write(step, {"train_loss": means["loss"],
-                                        "grad_norm": means["grad_norm"], "steps_per_sec": rate,
-                                        **({"schedule_step": position} if clocked else {})})
-                    bar.set_postfix(loss=f"{means['loss']:.4f}")
-                if step % eval_every == 0 or step == run.total_steps:
-                    check_finite()
-                    _validate(run, state, step, meta, writer, eval_step, tcfg.patience)
-                    save(step)
-                elif step % tcfg.checkpoint_every_steps == 0:
-                    save(step)
-                if stop.requested:
-                    raise KeyboardInterrupt("SIGTERM")
-                if tcfg.get("time_limit_s") and time.time() - started > tcfg.time_limit_s:
-                    log.warning("train.time_limit_s=%s reached at step %d: stopping early",
-                                tcfg.time_limit_s, step)
-                    if meta["last_eval_step"] != step:
-                        _validate(run, state, step, meta, writer, eval_step, 0)
-                    meta["finished"] = True
-            meta["finished"] = True
-            if last_saved != step:
-                save(step)
-        except KeyboardInterrupt:
-            if last_saved != step:
-                log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
-                save(step)
-            raise
+            distributed.agree("data and devices", run.facts())
+            log.info("data and model set up in %.1f s", time.time() - began)
+            trainer = Trainer(run, began)
+            trainer.start()
+            trainer.fit()
+            return trainer.test()
         finally:
-            bar.close()
-            run.checkpoints.wait()
-
-    log.info("training ended at step %d after %.1f s", step, time.time() - began)
-    best_state, best_meta, best_step = run.restore("best")
-    results = {"best_step": best_step, "best_val_" + run.task.validation_metric:
-               best_meta["best_val"], "steps": step,
-               **{f"test_{k}": v for k, v in evaluate_split(run, best_state, "test",
-                                                            eval_step).items()}}
-    writer.write(step, results)
-    writer.close()
-    if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    run.checkpoints.close()
-    log.info("best checkpoint tested after %.1f s", time.time() - began)
-    return results
-
-
-def _validate(run: Run, state, step: int, meta: dict, writer: MetricWriter, eval_step,
-              patience: int) -> None:
-    """Validation, best checkpoint and early stopping (updates `meta` in place)."""
-    name = run.task.validation_metric
-    metrics = evaluate_split(run, state, "val", eval_step)
-    value = metrics[name]
-    meta["last_eval_step"] = step
-    better = value < meta["best_val"] if run.task.validation_mode == "min" \
-        else value > meta["best_val"]
-    if better:
-        meta.update(best_val=value, best_step=step, bad_evals=0)
-        run.checkpoints.save_best(step, state, {**meta, "step": step})
-    else:
-        meta["bad_evals"] += 1
-        if patience and meta["bad_evals"] >= patience:
-            log.info("early stopping at step %d: val %s has not improved for %d evaluations",
-                     step, name, patience)
-            meta["finished"] = True
-    writer.write(step, {f"val_{k}": v for k, v in metrics.items()}
-                 | {"best_val_" + name: meta["best_val"]})
+            if trainer is not None:
+                trainer.wait_for_compilers()
+            run.checkpoints.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 
@@ -22,30 +21,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 log = logging.getLogger(__name__)
 
 BATCH_AXES = ("data", "fsdp")
-
-
-def initialize_distributed() -> None:
-    """Starts multi-process JAX when the environment describes several processes.
-
-    Explicit: JAX_COORDINATOR_ADDRESS (host:port) with JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-    Auto-detected by JAX: SLURM (SLURM_NTASKS > 1), Open MPI (OMPI_COMM_WORLD_SIZE > 1), Cloud
-    TPU pods, or MMX_DISTRIBUTED=1 to ask JAX to detect the cluster itself.
-    """
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = {}
-        if "JAX_NUM_PROCESSES" in env:
-            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-        if "JAX_PROCESS_ID" in env:
-            kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], **kwargs)
-    elif (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-          or env.get("MMX_DISTRIBUTED") == "1" or env.get("TPU_WORKER_HOSTNAMES")):
-        jax.distributed.initialize()
-    else:
-        return
-    log.info("distributed: process %d of %d, %d local of %d devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def build_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -8,6 +8,8 @@ rows of a batch this process holds, and defines the training loss and the evalua
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,6 +70,13 @@ class ForecastingTask(Task):
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return self._create_model(rngs, num_variates=self.data.num_input_variates,
                                   seq_len=self.data.seq_len, pred_len=self.data.pred_len)
+
+    def fingerprint(self) -> str:
+        """A digest of the data as loaded (file contents, columns, splits)."""
+        digest = hashlib.sha256(json.dumps(list(self.data.columns)).encode())
+        for split in ("train", "val", "test"):
+            digest.update(np.ascontiguousarray(self.data.split(split).input_rows).tobytes())
+        return f"{self.data.name}:{digest.hexdigest()[:16]}"
 
     # -- batches --------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
