@@ -29,6 +29,7 @@ import ml_collections
 
 from mmx_jax.data.batch_augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from mmx_jax.train.config_args import parse_config_arg
+from mmx_jax.train.optim import DEFAULT_DECAY_RULES
 
 FAMILY = "vim2"
 
@@ -92,6 +93,7 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         lr=(2e-3 if small_images else 1e-3) * (1 if small_images else
                                                  (args["batch"] or 1024) / 1024),
         weight_decay=0.05,
+        decay_rules=DEFAULT_DECAY_RULES,  # no decay for biases, norms, A_log, D, dt bias, ...
         b1=0.9,
         b2=0.999,
         schedule="cosine",

@@ -91,3 +91,74 @@ def test_lr_scale_rule_that_matches_nothing_is_named():
     with pytest.raises(ValueError, match=r"\('\^mixer/', 0\.1\) matches no parameter; paths "
                                          r"look like 'head/w'"):
         tx.init(params)
+
+
+# Parameters that must not decay by default, by the last part of their path: Mamba's A_log, D
+# and dt bias; every bias; norm and layer scales; positional embeddings; averaging weights.
+NO_DECAY_NAMES = {"A_log", "D", "dt_bias", "bias", "conv_bias", "scale", "pos_embed",
+                  "averaging"}
+
+
+@pytest.mark.parametrize("name, shapes", [
+    ("tsm2", dict(num_variates=3, seq_len=32, pred_len=8, layer_scale=0.5)),
+    ("viqs_tiny", dict(num_classes=4, widths=(8, 16, 32, 64), token_depths=(1, 1, 1, 1),
+                       channel_depths=(1, 1, 1, 1))),
+])
+def test_one_step_with_zero_gradients_moves_only_the_decayed_parameters(name, shapes):
+    """With zero gradients Adam's update is zero: only weight decay moves a parameter."""
+    from flax import nnx
+
+    from mmx_jax.models import create_model
+    from mmx_jax.train.sharding import path_str
+
+    params = nnx.state(create_model(name, rngs=nnx.Rngs(0), **shapes), nnx.Param)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = make_optimizer(optimizer_config(weight_decay=0.5, warmup_steps=0),
+                        total_steps=10, steps_per_epoch=5)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    moved = {path_str(p): bool(np.any(np.asarray(u) != 0))
+             for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    for path, did in moved.items():
+        leaf = path.removesuffix("/value").rsplit("/", 1)[-1]
+        assert did == (leaf not in NO_DECAY_NAMES), path
+    assert sum(moved.values()) >= 5 and sum(not m for m in moved.values()) >= 5
+
+
+def test_decay_rules_first_match_wins_and_decay_everything_is_expressible():
+    params = {"mixer": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))},
+              "head": {"kernel": jnp.ones((2, 2))}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def moved(rules):
+        tx = make_optimizer(optimizer_config(decay_rules=rules, warmup_steps=0),
+                            total_steps=4, steps_per_epoch=2)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        return jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+
+    assert moved(((".*", True),)) == {"mixer": {"kernel": True, "bias": True},
+                                     "head": {"kernel": True}}
+    assert moved(((r"^mixer/kernel", True), (r"^mixer/", False))) == {
+        "mixer": {"kernel": True, "bias": False}, "head": {"kernel": True}}
+    with pytest.raises(ValueError, match=r"decay_rules entry \('\^trunk/', False\) matches no "
+                                         "parameter"):
+        moved(((r"^trunk/", False),))
+
+
+def test_tslib_schedule_is_time_series_librarys_type1():
+    """Time-Series-Library trains epoch e at the lr its `adjust_learning_rate(optimizer,
+    e, args)` set after epoch e - 1 (called with the 1-based epoch number just finished):
+    lr * 0.5 ** ((epoch - 1) // 1); the first epoch at the initial lr."""
+    lr, steps_per_epoch, epochs = 1e-3, 3, 6
+    want = []
+    current = lr  # before any adjustment
+    for epoch in range(epochs):
+        want += [current] * steps_per_epoch
+        finished = epoch + 1
+        current = lr * (0.5 ** ((finished - 1) // 1))
+    from mmx_jax.train.optim import learning_rate_schedule
+
+    schedule = learning_rate_schedule(lr=lr, schedule="tslib", total_steps=18,
+                                      steps_per_epoch=steps_per_epoch)
+    got = [float(schedule(step)) for step in range(epochs * steps_per_epoch)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[3] == got[0] and got[6] == got[0] / 2  # epoch 1 at lr, epoch 2 halved

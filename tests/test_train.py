@@ -228,15 +228,76 @@ def test_ema_of_the_weights_follows_its_formula(tmp_path):
     step = make_train_step(run)
     batches = run.task.train_batches(0, run.steps_per_epoch)
     want = jax.tree.map(np.asarray, state["ema"])
-    for _ in range(2):
+    for t in range(1, 4):  # the decay after update t, warmed up: min(0.75, (1+t)/(10+t))
+        decay = min(0.75, (1 + t) / (10 + t))
         state, _ = step(state, place_batch(run, next(batches), run.task.train_batch_size))
         params = nnx.state(nnx.merge(run.graphdefs["model"], state["model"]), nnx.Param)
-        want = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * np.asarray(p), want, params)
+        want = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * np.asarray(p), want, params)
     for got, expected in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     ema_model, raw_model = run.model(state), run.model(state, use_ema=False)
     assert not np.allclose(ema_model.head.kernel[...], raw_model.head.kernel[...])
     np.testing.assert_allclose(ema_model.head.kernel[...], state["ema"]["head"]["kernel"][...])
+
+
+def test_a_short_run_validates_an_ema_close_to_its_weights_not_to_the_initial_ones(tmp_path):
+    """ImageNet's EMA decay, 0.9999, over a 12-step run: without a warm-up the EMA (which
+    validation, the best checkpoint and the test use) stays at the initialisation."""
+    from flax import nnx
+
+    config = small_config()
+    config.mesh.update(data=1, fsdp=1)
+    config.optimizer.ema_decay = 0.9999
+    train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
+    run = setup(config, tmp_path, devices=jax.devices()[:1], read_only=True)
+    state, _, _ = run.restore("latest")
+    init = run.init_state()
+    run.checkpoints.close()
+
+    def distance(a, b):
+        return np.sqrt(sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2))
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)))
+
+    weights = nnx.state(nnx.merge(run.graphdefs["model"], state["model"]), nnx.Param)
+    initial = init["ema"]
+    assert distance(state["ema"], weights) < 0.5 * distance(initial, weights)
+
+
+class _NanInValidation:
+    """A forecasting task whose validation windows are all NaN from the `nan_from`-th
+    validation on (1-based)."""
+
+    def __init__(self, task, nan_from):
+        self._task, self._nan_from, self._validations = task, nan_from, 0
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def eval_batches(self, split):
+        if split == "val":
+            self._validations += 1
+        for batch in self._task.eval_batches(split):
+            if split == "val" and self._validations >= self._nan_from:
+                batch = {**batch, "x": np.full_like(batch["x"], np.nan)}
+            yield batch
+
+
+def test_a_non_finite_validation_metric_stops_the_run_at_the_last_good_checkpoint(tmp_path):
+    """It used to lose to every best value silently: no best checkpoint, and a crash at the
+    run's end."""
+    from mmx_jax.train.loop import NonFiniteMetricError
+
+    config = small_config(checkpoint_every_steps=4, log_every_steps=1)
+    config.mesh.update(data=1, fsdp=1)
+    # Validation at steps 6 and 12: the one at 12 (the second; the first call compiles) is NaN.
+    task = _NanInValidation(ForecastingTask.from_config(config), nan_from=3)
+    with pytest.raises(NonFiniteMetricError, match=r"non-finite validation mse \(nan\) at step "
+                       r"12; training stopped\. The last good checkpoint is step 8 .* \(the best "
+                       r"so far: step 6\)"):
+        train_and_evaluate(config, tmp_path, task=task, devices=jax.devices()[:1])
+    run = setup(config, tmp_path, devices=jax.devices()[:1], read_only=True)
+    assert run.checkpoints.steps() == [6, 8] and run.checkpoints.best_step() == 6
+    run.checkpoints.close()
 
 
 def test_a_precompiled_step_matches_the_jitted_one_and_reports_compile_errors(tmp_path):

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -47,6 +48,17 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the run stopped without saving it."""
+
+
+class NonFiniteMetricError(RuntimeError):
+    """Validation produced a NaN or infinite metric; the run stopped without saving it."""
+
+
+def ema_decay_at(decay: float, updates):
+    """The EMA's decay after `updates` optimizer updates: warmed up as TensorFlow's
+    ExponentialMovingAverage does with `num_updates`, min(decay, (1 + t) / (10 + t)), so
+    that a short run's EMA follows its recent weights rather than the initial ones."""
+    return jnp.minimum(decay, (1.0 + updates) / (10.0 + updates))
 
 
 @dataclasses.dataclass
@@ -208,7 +220,8 @@ def make_train_step(run: Run):
         optimizer.update(model, grads, **({"schedule_step": schedule_step} if clocked else {}))
         new_state = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
         if "ema" in state:
-            new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+            decay = ema_decay_at(ema_decay, optimizer.step[...].astype(jnp.float32))
+            new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                                             state["ema"], nnx.state(model, nnx.Param))
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -485,6 +498,12 @@ class Trainer:
         name = run.task.validation_metric
         metrics = evaluate_split(run, self.state, "val", self.eval_step)
         value = metrics[name]
+        if not math.isfinite(value):
+            raise NonFiniteMetricError(
+                f"non-finite validation {name} ({value}) at step {step}; training stopped. The "
+                f"last good checkpoint is step {self.last_saved} in "
+                f"{run.checkpoints.folder} (the best so far: step {meta['best_step']}): look "
+                "for NaN/inf in the validation data or lower optimizer.lr.")
         meta["last_eval_step"] = step
         kill_point("validated")
         better = value < meta["best_val"] if run.task.validation_mode == "min" \

@@ -27,7 +27,9 @@ def learning_rate_schedule(*, lr: float, schedule: str, total_steps: int, steps_
     """The learning rate at each step.
 
     schedule: "cosine" (linear warm-up then cosine decay to min_lr_ratio * lr), "tslib"
-    (Time-Series-Library's type1: lr * 0.5 ** epoch, constant within an epoch) or "constant".
+    (Time-Series-Library's type1: its `adjust_learning_rate` runs after each epoch and sets
+    lr * 0.5 ** (epochs done - 1) for the next, so the first two epochs train at lr, then
+    it halves every epoch; constant within an epoch) or "constant".
     """
     match schedule:
         case "cosine":
@@ -35,8 +37,8 @@ def learning_rate_schedule(*, lr: float, schedule: str, total_steps: int, steps_
             return optax.warmup_cosine_decay_schedule(
                 0.0 if warmup else lr, lr, warmup, max(total_steps, warmup + 1),
                 end_value=lr * min_lr_ratio)
-        case "tslib":
-            return lambda step: lr * 0.5 ** (step // steps_per_epoch)
+        case "tslib":  # epochs 0, 1, 2, 3, ... train at lr x 1, 1, 0.5, 0.25, ...
+            return lambda step: lr * 0.5 ** jnp.maximum(step // steps_per_epoch - 1, 0)
         case "constant":
             return optax.constant_schedule(lr)
     raise ValueError(f"optimizer.schedule={schedule!r} is not 'cosine', 'tslib' or 'constant'")
@@ -87,6 +89,40 @@ def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransform
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+# Parameters that do not decay by default: the SSM's A_log, D and dt bias (Mamba marks A_log
+# and D as no-decay), every bias, norm and layer scales, positional embeddings and the
+# weighted-averaging weights (VMamba, Swin and DeiT exclude biases and 1-D parameters).
+NO_DECAY = r"(^|/)(A_log|D|dt_bias|bias|conv_bias|scale|pos_embed|averaging)(/value)?$"
+DEFAULT_DECAY_RULES = ((NO_DECAY, False),)
+
+
+def decay_mask(rules: Sequence[tuple[str, bool]]):
+    """``mask(params) -> pytree of bools``: whether weight decay applies to each parameter.
+
+    The first rule (regex on the parameter path, as for `scale_by_path`; decays or not)
+    that matches a path decides; a parameter no rule matches decays. A rule that matches no
+    parameter is an error (but for the default `NO_DECAY`, which follows the reference
+    implementations).
+    """
+    compiled = []
+    for rule in rules:
+        if len(rule) != 2 or not isinstance(rule[1], bool | int):
+            raise ValueError(f"optimizer.decay_rules entry {rule!r} is not (regex, True/False)")
+        compiled.append((re.compile(rule[0]), bool(rule[1])))
+
+    def mask(params):
+        names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        for (pattern, _), rule in zip(compiled, rules, strict=True):
+            if rule[0] != NO_DECAY and not any(pattern.search(n) for n in names):
+                raise ValueError(f"optimizer.decay_rules entry {tuple(rule)!r} matches no "
+                                 f"parameter; paths look like {names[0]!r}")
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: next((d for pattern, d in compiled
+                                  if pattern.search(path_str(path))), True), params)
+
+    return mask
+
+
 def time_clocked(config) -> bool:
     """Whether `config.optimizer` runs its schedule on the clock (module docstring)."""
     clock = config.get("schedule_clock", "steps")
@@ -105,19 +141,21 @@ def schedule_position(step: int, total_steps: int, elapsed_s: float, budget_s: f
 
 def make_optimizer(config, *, total_steps: int,
                    steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW with gradient clipping from `config.optimizer` (see configs/). With
-    `schedule_clock="time"` every update needs `schedule_step=` (module docstring)."""
+    """AdamW with gradient clipping from `config.optimizer` (see configs/): weight decay on
+    the parameters `config.decay_rules` selects (`decay_mask`; default `DEFAULT_DECAY_RULES`).
+    With `schedule_clock="time"` every update needs `schedule_step=` (module docstring)."""
     schedule = learning_rate_schedule(
         lr=config.lr, schedule=config.schedule, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, warmup_steps=config.warmup_steps,
         min_lr_ratio=config.min_lr_ratio)
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
+    mask = decay_mask(config.get("decay_rules", DEFAULT_DECAY_RULES))
     if not time_clocked(config):
         parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                                 weight_decay=config.weight_decay))
+                                 weight_decay=config.weight_decay, mask=mask))
     else:  # optax.adamw's chain with the learning rate taken at the given position
         parts += [optax.scale_by_adam(b1=config.b1, b2=config.b2),
-                  optax.add_decayed_weights(config.weight_decay),
+                  optax.add_decayed_weights(config.weight_decay, mask=mask),
                   scale_by_schedule_at(schedule)]
     if rules := config.get("lr_scale_rules", ()):
         parts.append(scale_by_path(rules))
