@@ -32,7 +32,6 @@ PALLAS_MARKERS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
 
 def measure(config_arg: str, overrides: list[str]) -> dict:
     """One process's timings (seconds) for the train and eval steps."""
-    sys.path.insert(0, str(REPO))
     import jax  # noqa: PLC0415
 
     from mmx_jax.train.classification import ClassificationTask  # noqa: PLC0415

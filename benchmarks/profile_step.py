@@ -24,18 +24,16 @@ import argparse
 import collections
 import functools
 import pathlib
-import sys
 import tempfile
 import time
 
 import jax
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from mmx_jax.train.classification import ClassificationTask
+from mmx_jax.train.config_args import apply_overrides, load_config_file
+from mmx_jax.train.loop import make_train_step, place_batch, setup
 
-from mmx_jax.train.classification import ClassificationTask  # noqa: E402
-from mmx_jax.train.config_args import apply_overrides, load_config_file  # noqa: E402
-from mmx_jax.train.loop import make_train_step, place_batch, setup  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("copy/memset", ("memcpy", "memset", "copy")),

@@ -1,4 +1,4 @@
-r"""ViM2 image classification (SPEC section 7).
+r"""ViM2 image classification (the MambaMixer paper's ViM2).
 
   python train.py --config configs/vim2.py:variant=tiny --workdir runs/vim2_t_in1k
   python train.py --workdir runs/vim2_cifar \
@@ -27,36 +27,28 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
 from mmx_jax.data.batch_augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
-from mmx_jax.train.config_args import parse_config_arg
-from mmx_jax.train.optim import DEFAULT_DECAY_RULES
 
 FAMILY = "vim2"
 
-# The small-image variant: our choice, sized for a 10-minute single-GPU CIFAR-10 run. State
-# size 4 (not 16) in both mixers makes the H100 step 1.7x faster (29 against 50 ms at batch
-# 512); in 10 minutes that bought 113 epochs and 87.5 % against 59 epochs and 85.5 % at N=16
-# (results/vision.md). VMamba-v2 also found small states enough for images. The overlapping
-# 3x3 conv stem (`stem="conv"`) in place of 2x2 patches, with cutout, took the 10-minute run
-# from about 88 % to 89.5-90.2 % at about the same speed.
+# The small-image variant (our choice, sized for a 10-minute single-GPU CIFAR-10 run;
+# results/vision.md has the runs behind each choice): a 3x3 conv stem of stride 2, state size
+# 4 in both mixers, cutout.
 CIFAR_MODEL = dict(widths=(64, 128, 256, 512), token_depths=(2, 2, 4, 2),
                    channel_depths=(1, 1, 2, 1), stem_stride=2, stem="conv", drop_path_rate=0.1,
                    dt_rank="auto", state_dim=4, channel_state_dim=4)
 
 
 def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.ConfigDict:
-    args = parse_config_arg(arg, dict(variant="tiny", dataset="imagenet2012", epochs=0, batch=0,
-                                      mlp=False, seed=0, smoke=False),
-                            source=f"configs/{family}.py")
+    args = common.parse_arg(arg, f"configs/{family}.py", variant="tiny", dataset="imagenet2012",
+                            epochs=0, batch=0, mlp=False, seed=0, smoke=False)
     variant = args["variant"]
     if variant not in ("tiny", "small", "base", "cifar"):
         raise ValueError(f"configs/{family}.py: variant={variant!r} is not tiny, small, base "
                          "or cifar")
     small_images = variant == "cifar" or args["smoke"]
-    config = ml_collections.ConfigDict()
-    config.task = "classification"
-    config.seed = args["seed"]
-
+    config = common.base_config(task="classification", seed=args["seed"])
     config.data = dict(
         name=args["dataset"],
         data_dir=ml_collections.config_dict.placeholder(str),  # tensorflow-datasets folder
@@ -88,46 +80,32 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
                         scan_impl="auto", dtype="bfloat16")
     if variant == "cifar":
         config.model.update(CIFAR_MODEL)
-    epochs = args["epochs"] or (40 if small_images else 300)
-    config.optimizer = dict(
+    if args["batch"]:
+        config.data.batch_size = args["batch"]
+    config.optimizer.update(
         lr=(2e-3 if small_images else 1e-3) * (1 if small_images else
-                                                 (args["batch"] or 1024) / 1024),
+                                                 config.data.batch_size / 1024),
         weight_decay=0.05,
-        decay_rules=DEFAULT_DECAY_RULES,  # no decay for biases, norms, A_log, D, dt bias, ...
-        b1=0.9,
-        b2=0.999,
-        schedule="cosine",
-        schedule_clock="steps",  # or "time": ends the schedule at train.time_limit_s
-        warmup_steps=0,  # set from warmup_epochs below
-        min_lr_ratio=0.01,
+        warmup_epochs=2.0 if small_images else 20.0,
         grad_clip=5.0,
         ema_decay=0.0 if small_images else 0.9999,
     )
-    if args["batch"]:
-        config.data.batch_size = args["batch"]
-    steps_per_epoch = (49000 if small_images else 1_271_167) // config.data.batch_size
-    config.optimizer.warmup_steps = (2 if small_images else 20) * steps_per_epoch
-    config.train = dict(
-        num_epochs=epochs,
-        steps_per_epoch=0,
+    config.train.update(
+        num_epochs=args["epochs"] or (40 if small_images else 300),
         log_every_steps=50 if small_images else 200,
-        eval_every_steps=0,
         checkpoint_every_steps=1000 if small_images else 2000,
-        keep_checkpoints=2,
-        patience=0,
-        time_limit_s=0.0,  # stop (validate, save) after this many seconds; 0: no limit
     )
-    config.mesh = dict(data=-1, fsdp=1)
-    config.sharding = dict(fsdp_min_size=2**16, rules=[])
     config.eval = dict(plot_variates=0, plot_windows=0,
                        flip_tta=False)  # average the logits of each image and its mirror
 
-    if args["smoke"]:
-        config.model.update(widths=(16, 32, 64, 128), token_depths=(1, 1, 1, 1),
-                            channel_depths=(1, 1, 1, 1), stem_stride=2, drop_path_rate=0.0,
-                            dt_rank="auto", dtype="float32", scan_impl="auto")
-        config.data.update(batch_size=16, eval_batch_size=32, val_holdout=32)
-        config.train.update(num_epochs=1, steps_per_epoch=4, log_every_steps=2,
-                            checkpoint_every_steps=2)
-        config.optimizer.warmup_steps = 1
+    if args["smoke"]:  # tiny model and images; what the command line set stays
+        common.shrink(config, args, {
+            "model.widths": (16, 32, 64, 128), "model.token_depths": (1, 1, 1, 1),
+            "model.channel_depths": (1, 1, 1, 1), "model.stem_stride": 2,
+            "model.drop_path_rate": 0.0, "model.dt_rank": "auto", "model.dtype": "float32",
+            "data.batch_size": 16, "data.eval_batch_size": 32, "data.val_holdout": 32,
+            "train.num_epochs": 1, "train.steps_per_epoch": 4, "train.log_every_steps": 2,
+            "train.checkpoint_every_steps": 2, "optimizer.warmup_epochs": 0.0,
+            "optimizer.warmup_steps": 1,
+        }, by_argument={"data.batch_size": "batch", "train.num_epochs": "epochs"})
     return config

@@ -1,4 +1,4 @@
-r"""ViQS image classification: ViM2 with quasi-separable mixers and Switch of Scans (SPEC 8).
+r"""ViQS image classification: ViM2 with quasi-separable mixers and Switch of Scans (README).
 
   python train.py --config configs/viqs.py:variant=tiny --workdir runs/viqs_t_in1k
   python train.py --workdir runs/viqs_cifar \
@@ -11,16 +11,10 @@ the same, the models are `viqs_<size>`.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("vim2_config",
-                                               pathlib.Path(__file__).with_name("vim2.py"))
-_vim2 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_vim2)
+from configs import vim2
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return _vim2.get_config(arg, family="viqs")
+    return vim2.get_config(arg, family="viqs")

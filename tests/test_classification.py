@@ -3,7 +3,6 @@ expects, and a tiny ViM2 learns real CIFAR images."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import tarfile
 
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import vim2
 from mmx_jax.data.batch_augment import CIFAR10_MEAN, CIFAR10_STD, normalize
 from mmx_jax.train.classification import ClassificationTask
 from mmx_jax.train.loop import train_and_evaluate
@@ -21,10 +21,7 @@ CLASSES = ("airplane", "automobile")
 
 
 def vim2_config(arg: str):
-    spec = importlib.util.spec_from_file_location("vim2_config", REPO / "configs" / "vim2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return vim2.get_config(arg)
 
 
 @pytest.fixture

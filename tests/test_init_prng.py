@@ -3,9 +3,6 @@ changing a single parameter value."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +10,6 @@ import pytest
 
 from mmx_jax.train.classification import ClassificationTask
 from mmx_jax.train.loop import _split, _threefry_as_kernel, setup
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _draw(key):
@@ -40,10 +35,9 @@ def test_the_context_switches_the_cuda_lowering_of_threefry_for_this_thread_only
 def test_init_state_is_the_same_with_the_kernel_lowering(tmp_path):
     """On the GPU: Run.init_state (kernel calls) equals the same jitted build with the inlined
     threefry, leaf for leaf and bit for bit."""
-    spec = importlib.util.spec_from_file_location("vim2_config", REPO / "configs" / "vim2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("variant=cifar,dataset=cifar10")
+    from configs import vim2  # noqa: PLC0415
+
+    config = vim2.get_config("variant=cifar,dataset=cifar10")
     run = setup(config, tmp_path, task=ClassificationTask.synthetic(config))
     kernel = run.init_state()
     plain = jax.jit(lambda: _split(*run._build())[1], out_shardings=run.shardings)()

@@ -1,24 +1,18 @@
 """The closed-form linear baseline: batched normal equations are least squares, and the ridge
 strength is chosen on validation."""
 
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
 
 from mmx_jax.data.forecasting import synthetic_forecasting
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def baseline():
-    spec = importlib.util.spec_from_file_location("linear_baseline",
-                                                  REPO / "benchmarks" / "linear_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from research import linear_baseline  # noqa: PLC0415
+
+    return linear_baseline
 
 
 def test_batched_normal_equations_are_least_squares(baseline):

@@ -1,7 +1,6 @@
 """The TSM2 reproduction driver: selection on validation only, and configs that match the runs."""
 
 import argparse
-import importlib.util
 import json
 import pathlib
 
@@ -13,11 +12,9 @@ RUNS = REPO / "results" / "tsm2_runs.jsonl"
 
 @pytest.fixture(scope="module")
 def driver():
-    spec = importlib.util.spec_from_file_location("tsm2_reproduce",
-                                                  REPO / "benchmarks" / "tsm2_reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from research import tsm2_reproduce  # noqa: PLC0415
+
+    return tsm2_reproduce
 
 
 def _row(tag, candidate, val, test, **extra):
@@ -39,7 +36,7 @@ def test_paper_config_is_what_the_recorded_runs_trained(driver):
     ok = [r for r in rows if "error" not in r]
     chosen = driver.winners(ok)
     assert set(chosen) == {(d, h) for d in driver.DATASETS for h in driver.HORIZONS}
-    module = driver.config_module()
+    module = driver.tsm2_config
     for (dataset, horizon), candidate in chosen.items():
         row = next(r for r in ok if (r["dataset"], r["horizon"], r["seed"], r["candidate"])
                    == (dataset, horizon, 1, candidate))

@@ -3,7 +3,6 @@ counts, configs and their errors. Runs on the 8 simulated CPU devices set up in 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import tsm2
 from mmx_jax.train.checkpoint import CheckpointNotFoundError
 from mmx_jax.train.evaluate import evaluate_and_report
 from mmx_jax.train.loop import NonFiniteLossError, setup, train_and_evaluate
@@ -31,10 +31,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8,
 
 
 def tsm2_config(arg: str = "smoke"):
-    spec = importlib.util.spec_from_file_location("tsm2_config", REPO / "configs" / "tsm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return tsm2.get_config(arg)
 
 
 def small_config(**train):
@@ -188,7 +185,7 @@ def test_config_arguments_and_their_errors():
     with pytest.raises(ValueError, match="configs/tsm2.py: unknown config argument 'horizn'; "
                        "known arguments: dataset, horizon"):
         tsm2_config("horizn=96")
-    with pytest.raises(ValueError, match="config argument horizon='long' is not a int"):
+    with pytest.raises(ValueError, match="config argument horizon='long' is not a whole number"):
         tsm2_config("horizon=long")
 
 

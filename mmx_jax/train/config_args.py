@@ -1,4 +1,6 @@
-"""big_vision-style config arguments: `--config configs/tsm2.py:dataset=etth2,horizon=336,smoke`."""
+"""Config files given as `path[:arguments]` (`--config configs/tsm2.py:dataset=etth2,smoke`) and
+`--config.<key>=<value>` overrides: loading, applying and explaining their errors. The
+arguments themselves are each config file's (configs/common.py parses them)."""
 
 from __future__ import annotations
 
@@ -7,49 +9,6 @@ import contextlib
 import importlib.util
 import pathlib
 from collections.abc import Iterable
-from typing import Any
-
-
-def parse_config_arg(arg: str | None, defaults: dict[str, Any], *, source: str) -> dict[str, Any]:
-    """Parses "key=value,flag,..." into a dict typed like `defaults`.
-
-    A bare `flag` means `flag=True`. Values are converted to the type of the default
-    (bool accepts true/false/1/0/yes/no). Unknown keys and unparsable values raise a ValueError
-    that names the config file (`source`), the key and the known keys.
-    """
-    out = dict(defaults)
-    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if key not in defaults:
-            raise ValueError(f"{source}: unknown config argument {key!r}; known arguments: "
-                             f"{', '.join(sorted(defaults))}")
-        default = defaults[key]
-        if not sep:
-            if not isinstance(default, bool):
-                raise ValueError(f"{source}: config argument {key!r} needs a value "
-                                 f"({key}=...)")
-            out[key] = True
-            continue
-        out[key] = _convert(value.strip(), default, source=source, key=key)
-    return out
-
-
-def _convert(value: str, default: Any, *, source: str, key: str) -> Any:
-    if isinstance(default, bool):
-        lowered = value.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{source}: config argument {key}={value!r} is not a boolean")
-    if default is None or isinstance(default, str):
-        return value
-    try:
-        return type(default)(value)
-    except ValueError:
-        raise ValueError(f"{source}: config argument {key}={value!r} is not a "
-                         f"{type(default).__name__}") from None
 
 
 def explain_override_error(error: Exception, argv: list[str]) -> str:

@@ -141,13 +141,14 @@ def schedule_position(step: int, total_steps: int, elapsed_s: float, budget_s: f
 
 def make_optimizer(config, *, total_steps: int,
                    steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW with gradient clipping from `config.optimizer` (see configs/): weight decay on
+    """AdamW with gradient clipping from `config.optimizer` (see configs/common.py): a linear
+    warm-up of `warmup_steps + warmup_epochs x steps_per_epoch` steps, weight decay on
     the parameters `config.decay_rules` selects (`decay_mask`; default `DEFAULT_DECAY_RULES`).
     With `schedule_clock="time"` every update needs `schedule_step=` (module docstring)."""
+    warmup = config.warmup_steps + round(config.get("warmup_epochs", 0.0) * steps_per_epoch)
     schedule = learning_rate_schedule(
         lr=config.lr, schedule=config.schedule, total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch, warmup_steps=config.warmup_steps,
-        min_lr_ratio=config.min_lr_ratio)
+        steps_per_epoch=steps_per_epoch, warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio)
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
     mask = decay_mask(config.get("decay_rules", DEFAULT_DECAY_RULES))
     if not time_clocked(config):

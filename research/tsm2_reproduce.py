@@ -1,10 +1,10 @@
 r"""Reproduces the paper's TSM2 forecasting table: search on validation, then 3 seeds per row.
 
-    python benchmarks/tsm2_reproduce.py run --data-dir ../shared/data/timeseries \
+    python -m research.tsm2_reproduce run --data-dir ../shared/data/timeseries \
         --out results/tsm2_runs.jsonl --workers 8 --deadline 540
-    python benchmarks/tsm2_reproduce.py table --runs results/tsm2_runs.jsonl   # for results/tsm2.md
-    python benchmarks/tsm2_reproduce.py run --quick ...      # tiny shapes, a CPU smoke test
-    python benchmarks/tsm2_reproduce.py look --datasets etth1,etth2 \
+    python -m research.tsm2_reproduce table --runs results/tsm2_runs.jsonl   # for results/tsm2.md
+    python -m research.tsm2_reproduce run --quick ...      # tiny shapes, a CPU smoke test
+    python -m research.tsm2_reproduce look --datasets etth1,etth2 \
         --option 'wd1e-1={"optimizer.weight_decay": 0.1}' ...  # validation look at new options
 
 `run` trains many configs of `configs/tsm2.py:paper` in parallel worker processes (several
@@ -33,19 +33,18 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
-import importlib.util
 import json
 import multiprocessing
 import os
 import pathlib
 import statistics
-import sys
 import time
 import traceback
 
+from configs import tsm2 as tsm2_config
+from mmx_jax.models.tsm2 import MIXER_PARAMS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # also in the spawned workers, which import this file
-from mmx_jax.models.tsm2 import MIXER_PARAMS  # noqa: E402
 
 DATASETS = ("etth1", "etth2", "exchange_rate", "ettm1", "ettm2", "weather")
 HORIZONS = (96, 192, 336, 720)
@@ -83,7 +82,7 @@ def grid_for(dataset: str) -> dict[str, dict]:
 # validation MSE over all stages wins. Its runs are named "<stage-1 choice>+<option>".
 #
 # Stage 3 (added on 2026-11-24, before any of its runs), as a second option: after the
-# closed-form linear map (benchmarks/linear_baseline.py) matched the paper's ETT numbers, and
+# closed-form linear map (research/linear_baseline.py) matched the paper's ETT numbers, and
 # TSM2 without its mixer layers beat TSM2 on ETTh1 H=96 validation (0.660 against 0.699):
 # every residual branch starts as the identity (LayerScale 0) and the mixer layers learn at a
 # tenth of the learning rate, so training starts from the model's linear part.
@@ -204,17 +203,10 @@ PAPER_MSE = {
 }
 
 
-def config_module():
-    spec = importlib.util.spec_from_file_location("tsm2_config", REPO / "configs" / "tsm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def job_config(job: dict, quick: bool):
     """`configs/tsm2.py:paper` with PAPER_DEFAULTS, then the job's overrides: a candidate means
     the same whatever configs/tsm2.py has recorded as chosen for the data set."""
-    module = config_module()
+    module = tsm2_config
     config = module.get_config(f"paper,dataset={job['dataset']},horizon={job['horizon']},"
                                f"seed={job['seed']}")
     config.update_from_flattened_dict({module.HPARAM_KEYS[k]: v

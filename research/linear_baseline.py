@@ -1,6 +1,6 @@
 r"""A closed-form linear forecaster in the TSM2 pipeline: the floor that TSM2 must beat.
 
-    python benchmarks/linear_baseline.py --data-dir ../shared/data/timeseries \
+    python -m research.linear_baseline --data-dir ../shared/data/timeseries \
         --datasets etth1,etth2 --out results/linear_baseline.json
 
 For each (data set, horizon) it fits one map from the last `seq_len` steps of a variate to its
@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks.tsm2_reproduce import HORIZONS, PAPER_MSE  # noqa: E402
-from mmx_jax.data.forecasting import ForecastingSplit, load_forecasting  # noqa: E402
+from mmx_jax.data.forecasting import ForecastingSplit, load_forecasting
+from research.tsm2_reproduce import HORIZONS, PAPER_MSE
 
 RIDGE = (0.0, 0.01, 0.1, 1.0)
 

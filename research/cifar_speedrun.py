@@ -1,6 +1,6 @@
 r"""CIFAR-10 from scratch with the small-image ViM2 (or ViQS), in one time-boxed GPU run.
 
-    python benchmarks/cifar_speedrun.py --archive ../shared/data/images/cifar10_jpg.tar.xz \
+    python -m research.cifar_speedrun --archive ../shared/data/images/cifar10_jpg.tar.xz \
         --workdir runs/vim2_cifar --cache-dir /tmp/cifar_cache --flip-tta
 
 Extracts and decodes the JPEG archive once (cached), trains `configs/<family>.py:variant=cifar`
@@ -29,7 +29,6 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main():
