@@ -34,9 +34,9 @@ def measure(config_arg: str, overrides: list[str]) -> dict:
     """One process's timings (seconds) for the train and eval steps."""
     import jax  # noqa: PLC0415
 
-    from mmx_jax.train.classification import ClassificationTask  # noqa: PLC0415
     from mmx_jax.train.config_args import apply_overrides, load_config_file  # noqa: PLC0415
-    from mmx_jax.train.loop import make_eval_step, make_train_step, place_batch, setup  # noqa: PLC0415
+    from mmx_jax.train.loop import EvalStep, TrainStep, place_batch, setup  # noqa: PLC0415
+    from mmx_jax.train.tasks.classification import ClassificationTask  # noqa: PLC0415
 
     config = apply_overrides(load_config_file(config_arg), overrides)
     row = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -51,8 +51,8 @@ def measure(config_arg: str, overrides: list[str]) -> dict:
                                   run.task.train_batch_size)
         eval_batch = place_batch(run, next(run.task.eval_batches("val")),
                                  run.task.eval_batch_size)
-        for name, trace in (("train", lambda: make_train_step(run).trace(state, train_batch)),
-                            ("eval", lambda: make_eval_step(run).trace(state, eval_batch))):
+        for name, trace in (("train", lambda: TrainStep(run).trace(state, train_batch)),
+                            ("eval", lambda: EvalStep(run).trace(state, eval_batch))):
             start = time.perf_counter()
             traced = trace()
             traced_at = time.perf_counter()

@@ -29,9 +29,9 @@ import time
 
 import jax
 
-from mmx_jax.train.classification import ClassificationTask
 from mmx_jax.train.config_args import apply_overrides, load_config_file
-from mmx_jax.train.loop import make_train_step, place_batch, setup
+from mmx_jax.train.loop import TrainStep, place_batch, setup
+from mmx_jax.train.tasks.classification import ClassificationTask
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def main():
         state = run.init_state()
         # The learning rate does not change the work; position 0 also serves time-clocked
         # schedules (optimizer.schedule_clock="time").
-        train_step = functools.partial(make_train_step(run), schedule_step=0.0)
+        train_step = functools.partial(TrainStep(run), schedule_step=0.0)
         batches = run.task.train_batches(0, run.steps_per_epoch)
         batch = place_batch(run, next(batches), run.task.train_batch_size)
         start = time.perf_counter()

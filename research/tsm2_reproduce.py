@@ -248,7 +248,7 @@ def run_job(job: dict, quick: bool, workroot: str) -> dict:
     logging.getLogger("absl").setLevel(logging.WARNING)
     from mmx_jax.data import synthetic_forecasting
     from mmx_jax.train.loop import train_and_evaluate
-    from mmx_jax.train.tasks import ForecastingTask
+    from mmx_jax.train.tasks.forecasting import ForecastingTask
 
     started = time.time()
     out = dict(job)

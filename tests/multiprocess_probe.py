@@ -39,7 +39,7 @@ def shards(config) -> dict:
 
 
 def indices(config) -> list[int]:
-    from mmx_jax.train.classification import ClassificationTask  # noqa: PLC0415
+    from mmx_jax.train.tasks.classification import ClassificationTask  # noqa: PLC0415
 
     task = ClassificationTask.from_config(config)
     stream = task.train_stream(0)

@@ -12,8 +12,8 @@ import pytest
 
 from configs import vim2
 from mmx_jax.data.batch_augment import CIFAR10_MEAN, CIFAR10_STD, normalize
-from mmx_jax.train.classification import ClassificationTask
 from mmx_jax.train.loop import train_and_evaluate
+from mmx_jax.train.tasks.classification import ClassificationTask
 from mmx_jax.train.writers import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmx_jax.train.classification import ClassificationTask
 from mmx_jax.train.loop import _split, _threefry_as_kernel, setup
+from mmx_jax.train.tasks.classification import ClassificationTask
 
 
 def _draw(key):

@@ -21,7 +21,7 @@ from configs import tsm2
 from mmx_jax.train.checkpoint import CheckpointNotFoundError
 from mmx_jax.train.evaluate import evaluate_and_report
 from mmx_jax.train.loop import NonFiniteLossError, setup, train_and_evaluate
-from mmx_jax.train.tasks import ForecastingTask
+from mmx_jax.train.tasks.forecasting import ForecastingTask
 from mmx_jax.train.writers import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -215,14 +215,14 @@ def test_mesh_and_batch_errors():
 def test_ema_of_the_weights_follows_its_formula(tmp_path):
     from flax import nnx
 
-    from mmx_jax.train.loop import make_train_step, place_batch
+    from mmx_jax.train.loop import TrainStep, place_batch
 
     config = small_config()
     config.mesh.update(data=1, fsdp=1)
     config.optimizer.ema_decay = 0.75
     run = setup(config, tmp_path, devices=jax.devices()[:1])
     state = run.init_state()
-    step = make_train_step(run)
+    step = TrainStep(run)
     batches = run.task.train_batches(0, run.steps_per_epoch)
     want = jax.tree.map(np.asarray, state["ema"])
     for t in range(1, 4):  # the decay after update t, warmed up: min(0.75, (1+t)/(10+t))
@@ -301,14 +301,14 @@ def test_a_precompiled_step_matches_the_jitted_one_and_reports_compile_errors(tm
     """Step.precompile: compiled in a background thread for abstract arguments, the same
     numbers as the plain jitted call; arguments that do not match the specs, and failures of
     the background compilation, raise at the call."""
-    from mmx_jax.train.loop import Step, batch_spec, make_train_step, place_batch
+    from mmx_jax.train.loop import Step, TrainStep, batch_spec, place_batch
 
     config = small_config()
     config.mesh.update(data=1, fsdp=1)
     run = setup(config, tmp_path, devices=jax.devices()[:1])
     local = next(run.task.train_batches(0, run.steps_per_epoch))
     batch = place_batch(run, local, run.task.train_batch_size)
-    plain, early = make_train_step(run), make_train_step(run)
+    plain, early = TrainStep(run), TrainStep(run)
     early.precompile(jax.eval_shape(run.init_state),
                      batch_spec(run, local, run.task.train_batch_size))
     want_state, want = plain(run.init_state(), batch)

@@ -204,55 +204,63 @@ class Step:
             concurrent.futures.wait([self._compiled])
 
 
-def make_train_step(run: Run):
-    """The jitted step, ``step(state, batch, schedule_step=None) -> (state, metrics)``.
-    `schedule_step`, the learning-rate schedule's position (`optim.schedule_position`), is
-    required with optimizer.schedule_clock="time" and unused otherwise. `step.precompile(
-    state_spec, batch_spec)` compiles it in the background (`Step`)."""
-    task, graphdefs = run.task, run.graphdefs
-    ema_decay = run.config.optimizer.ema_decay
-    clocked = time_clocked(run.config.optimizer)
+class TrainStep(Step):
+    """The jitted training step, ``step(state, batch, schedule_step=None) -> (state,
+    metrics)``: the loss's gradient, the optimizer's update and the EMA, with the state
+    donated. `schedule_step`, the learning-rate schedule's position
+    (`optim.schedule_position`), is required with optimizer.schedule_clock="time" and unused
+    otherwise."""
 
-    def train_step(state, batch, schedule_step):
-        model = nnx.merge(graphdefs["model"], state["model"])
-        optimizer = nnx.merge(graphdefs["opt"], state["opt"])
-        loss, grads = nnx.value_and_grad(lambda m: task.loss(m, batch))(model)
-        optimizer.update(model, grads, **({"schedule_step": schedule_step} if clocked else {}))
-        new_state = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
-        if "ema" in state:
-            decay = ema_decay_at(ema_decay, optimizer.step[...].astype(jnp.float32))
-            new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                                            state["ema"], nnx.state(model, nnx.Param))
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    def __init__(self, run: Run):
+        task, graphdefs = run.task, run.graphdefs
+        ema_decay = run.config.optimizer.ema_decay
+        self.clocked = clocked = time_clocked(run.config.optimizer)
 
-    data_sharding = batch_sharding(run.mesh)
-    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    jitted = Step(jax.jit(train_step, in_shardings=(run.shardings, data_sharding, replicated),
-                          out_shardings=(run.shardings, replicated), donate_argnums=0))
-    position_spec = jax.ShapeDtypeStruct((), np.float32)
+        def train_step(state, batch, schedule_step):
+            model = nnx.merge(graphdefs["model"], state["model"])
+            optimizer = nnx.merge(graphdefs["opt"], state["opt"])
+            loss, grads = nnx.value_and_grad(lambda m: task.loss(m, batch))(model)
+            optimizer.update(model, grads,
+                             **({"schedule_step": schedule_step} if clocked else {}))
+            new_state = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
+            if "ema" in state:
+                decay = ema_decay_at(ema_decay, optimizer.step[...].astype(jnp.float32))
+                new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                                                state["ema"], nnx.state(model, nnx.Param))
+            return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    def step(state, batch, schedule_step=None):
-        if clocked and schedule_step is None:
+        replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+        super().__init__(jax.jit(
+            train_step, in_shardings=(run.shardings, batch_sharding(run.mesh), replicated),
+            out_shardings=(run.shardings, replicated), donate_argnums=0))
+
+    def __call__(self, state, batch, schedule_step=None):
+        if self.clocked and schedule_step is None:
             raise ValueError('optimizer.schedule_clock="time": the step needs schedule_step')
-        return jitted(state, batch, np.float32(schedule_step or 0.0))
+        return super().__call__(state, batch, np.float32(schedule_step or 0.0))
 
-    step.trace = lambda state, batch: jitted.trace(state, batch, np.float32(0.0))
-    step.precompile = lambda state, batch: jitted.precompile(state, batch, position_spec)
-    step.wait = jitted.wait
-    return step
+    def trace(self, state, batch):
+        return super().trace(state, batch, np.float32(0.0))
+
+    def precompile(self, state, batch) -> None:
+        super().precompile(state, batch, jax.ShapeDtypeStruct((), np.float32))
 
 
-def make_eval_step(run: Run):
-    task = run.task
+class EvalStep(Step):
+    """The jitted evaluation step, ``step(state, batch) -> sums``: the task's masked metric
+    sums of a batch, replicated (EMA weights where the state has them)."""
 
-    def eval_step(state, batch):
-        model = run.model(state)
-        model.eval()
-        return task.eval_sums(model, batch)
+    def __init__(self, run: Run):
+        def eval_step(state, batch):
+            model = run.model(state)
+            model.eval()
+            return run.task.eval_sums(model, batch)
 
-    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    return Step(jax.jit(eval_step, in_shardings=(run.shardings, batch_sharding(run.mesh)),
-                        out_shardings=replicated))
+        replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+        super().__init__(jax.jit(eval_step,
+                                 in_shardings=(run.shardings, batch_sharding(run.mesh)),
+                                 out_shardings=replicated))
+
 
 
 def make_predict_step(run: Run):
@@ -293,7 +301,7 @@ def batch_spec(run: Run, local: dict[str, np.ndarray], global_size: int):
 
 def evaluate_split(run: Run, state, split: str, eval_step=None) -> dict[str, float]:
     """Masked metrics of `state` over every example of `split` (the last batch padded)."""
-    eval_step = eval_step or make_eval_step(run)
+    eval_step = eval_step or EvalStep(run)
     totals: dict[str, float] = {}
     for batch in run.task.eval_batches(split):
         sums = jax.device_get(eval_step(state, place_batch(run, batch, run.task.eval_batch_size)))
@@ -342,7 +350,7 @@ class Trainer:
         self.meta = {"best_val": worst, "best_step": -1, "bad_evals": 0,
                      "last_eval_step": 0, "finished": False}
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked
-        self.train_step, self.eval_step = make_train_step(run), make_eval_step(run)
+        self.train_step, self.eval_step = TrainStep(run), EvalStep(run)
         self.clocked = time_clocked(self.config.optimizer)
 
     # -- start ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from flax import nnx
 
 from mmx_jax.data import images as img
 from mmx_jax.train.sharding import process_batch_slice
-from mmx_jax.train.tasks import Task
+from mmx_jax.train.tasks.base import Task
 
 
 class _Subset:

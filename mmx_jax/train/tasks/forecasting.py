@@ -1,9 +1,4 @@
-"""Tasks: what the generic training loop needs to know about a problem.
-
-A task builds the model from the config, plans the global batches of an epoch, loads the
-rows of a batch this process holds, and defines the training loss and the evaluation sums
-(masked, so a padded last batch counts only its real rows).
-"""
+"""Multivariate long-term forecasting (Time-Series-Library protocol) as a task."""
 
 from __future__ import annotations
 
@@ -19,37 +14,8 @@ import numpy as np
 from flax import nnx
 
 from mmx_jax.data import ForecastingData, load_forecasting
-from mmx_jax.models import create_model
 from mmx_jax.train.sharding import process_batch_slice
-
-
-def compute_dtype(name: str):
-    """"float32" or "bfloat16" (config strings) -> a jnp dtype."""
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-    except KeyError:
-        raise ValueError(f"model.dtype={name!r} is not 'float32' or 'bfloat16'") from None
-
-
-class Task:
-    """What every task takes from its config: the batch sizes and the registry model."""
-
-    config: Any
-
-    @property
-    def train_batch_size(self) -> int:
-        return self.config.data.batch_size
-
-    @property
-    def eval_batch_size(self) -> int:
-        return self.config.data.eval_batch_size
-
-    def _create_model(self, rngs: nnx.Rngs, **data_shapes) -> nnx.Module:
-        """`config.model` names the model and its arguments; the data fixes its shapes."""
-        m = self.config.model.to_dict()
-        name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
-        return create_model(name, dtype=None if dtype == jnp.float32 else dtype, rngs=rngs,
-                            **data_shapes, **m)
+from mmx_jax.train.tasks.base import Task
 
 
 @dataclasses.dataclass
@@ -136,15 +102,3 @@ class ForecastingTask(Task):
 
     validation_metric = "mse"
     validation_mode = "min"
-
-
-def make_task(config):
-    """The task named by `config.task`: "forecasting" or "classification"."""
-    match config.task:
-        case "forecasting":
-            return ForecastingTask.from_config(config)
-        case "classification":
-            from mmx_jax.train.classification import ClassificationTask  # noqa: PLC0415
-
-            return ClassificationTask.from_config(config)
-    raise ValueError(f"config.task={config.task!r} is not 'forecasting' or 'classification'")
