@@ -18,6 +18,7 @@ import jax
 from absl import flags
 
 from mmx_jax import cli
+from mmx_jax.errors import UsageError
 
 flags.DEFINE_string("workdir", None, "The workdir of a train.py run.")
 flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
@@ -33,6 +34,7 @@ USAGE = ("python eval.py --workdir=<folder> [--checkpoint=best|latest|<step>] "
 
 
 def main() -> None:
+    from mmx_jax.train.checkpoint import CheckpointNotFoundError  # noqa: PLC0415
     from mmx_jax.train.evaluate import evaluate_and_report  # noqa: PLC0415
     from mmx_jax.train.workdir import load_config  # noqa: PLC0415
 
@@ -40,20 +42,28 @@ def main() -> None:
     checkpoint = f.checkpoint
     if checkpoint not in ("best", "latest"):
         if not checkpoint.isdigit():
-            raise cli.UsageError(f"--checkpoint={checkpoint!r} is not best, latest or a step "
+            raise UsageError(f"--checkpoint={checkpoint!r} is not best, latest or a step "
                                  "number")
         checkpoint = int(checkpoint)
-    config = load_config(f.workdir)
+    try:
+        config = load_config(f.workdir)
+    except FileNotFoundError as err:
+        raise UsageError(f"--workdir: {err}") from None
     if f.flip_tta:
         if config.task != "classification":
-            raise cli.UsageError(f"--flip_tta is for image classification; {f.workdir} holds "
+            raise UsageError(f"--flip_tta is for image classification; {f.workdir} holds "
                                  f"a {config.task} run")
         config.eval.flip_tta = True
-    report = evaluate_and_report(f.workdir, checkpoint=checkpoint, split=f.split,
-                                 data_dir=f.data_dir, config=config)
+    try:
+        report = evaluate_and_report(f.workdir, checkpoint=checkpoint, split=f.split,
+                                     data_dir=f.data_dir, config=config)
+    except CheckpointNotFoundError as err:
+        if isinstance(checkpoint, int):  # a step the workdir does not have
+            raise UsageError(f"--checkpoint={checkpoint}: {err}") from None
+        raise
     if jax.process_index() == 0:
         print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    cli.main("eval", USAGE, main)
+    cli.main("eval", USAGE, main, doc=__doc__)

@@ -37,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.main("train", USAGE, main)
+    cli.main("train", USAGE, main, doc=__doc__)

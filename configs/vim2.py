@@ -28,7 +28,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from mmx_jax.data.batch_augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from mmx_jax.data.batch_augment import IMAGENET_MEAN, IMAGENET_STD
 
 FAMILY = "vim2"
 
@@ -58,13 +58,18 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         val_holdout=1000 if small_images else 10000,
         pipeline="memory" if small_images else "grain",
         workers=0 if small_images else 16,
-        channels=3,
+        channels=0,  # 0: as the source stores them (grey idx files 1, image folders 3)
         image_size=32 if small_images else 224,
         batch_size=512 if small_images else 1024,
         eval_batch_size=1000 if small_images else 1024,
-        mean=CIFAR10_MEAN if small_images else IMAGENET_MEAN,  # 0..1 units, per channel
-        std=CIFAR10_STD if small_images else IMAGENET_STD,
+        # Per-channel statistics in 0..1 units; None: measured on the training split
+        mean=None if small_images else IMAGENET_MEAN,
+        std=None if small_images else IMAGENET_STD,
+        # Augmentations; each can be turned off: crop_padding=-1, flip=False,
+        # randaugment_ops=0, erasing_prob=0, cutout_size=0, mixup_alpha=cutmix_alpha=0,
+        # label_smoothing=0.
         crop_padding=4 if small_images else -1,  # on-device pad-and-crop (memory pipeline)
+        flip=True,  # random left-right mirror
         randaugment_ops=2,
         randaugment_magnitude=9.0,
         erasing_prob=0.25,

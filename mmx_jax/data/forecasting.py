@@ -42,6 +42,7 @@ ETTh1 ships inside this package (zhouhaoyi/ETDataset, CC BY-ND 4.0, unchanged).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import lzma
 import os
 import pathlib
@@ -50,6 +51,8 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ENV_DATA_DIR = "MMX_DATA_DIR"
 LAYOUTS: tuple[str, ...] = ("ett_hour", "ett_minute", "custom")
@@ -366,8 +369,10 @@ def dataset_path(source: str | os.PathLike, *, data_dir: str | os.PathLike | Non
     looked = "; ".join(f"{label} {str(folder)!r}" + ("" if folder.is_dir() else " (no such folder)")
                        for label, folder in folders)
     hint = "" if env else f"; ${ENV_DATA_DIR} is not set"
-    raise DataFileNotFoundError(f"no file for data set {source!r}: looked for {stem}.csv and "
-                                f"{stem}.csv.xz in {looked}{hint}")
+    known = "" if info else (f" ({source!r} is not a known data set: "
+                             f"{', '.join(d.name for d in _DATASETS)}; or give a path to a CSV)")
+    raise DataFileNotFoundError(f"no file for data set {source!r}{known}: looked for "
+                                f"{stem}.csv and {stem}.csv.xz in {looked}{hint}")
 
 
 def load_forecasting(source: str | os.PathLike = "ETTh1", *, seq_len: int, pred_len: int,
@@ -485,6 +490,7 @@ def _read_csv(path: pathlib.Path, *, target: str, features: str, layout: str
     except (ValueError, lzma.LZMAError, EOFError) as err:  # parser, empty-file and xz errors
         raise ForecastingDataError(f"{path}: cannot be read as a CSV file: {err}") from err
     names = [str(c) for c in frame.columns]
+    _check_header(path, names)
     if "date" not in names:
         raise ForecastingDataError(f"{path}: no 'date' column; the first column is {names[0]!r} "
                                    "(the header must name the date column 'date', as TSLib needs)")
@@ -524,7 +530,68 @@ def _read_csv(path: pathlib.Path, *, target: str, features: str, layout: str
         raise ForecastingDataError(f"{path}: column {columns[j]!r} has {what} at data row {r} "
                                    f"(line {r + 2} of the file); {int(bad.sum())} bad cell(s) in "
                                    "the columns used")
-    return _parse_dates(frame["date"], path), values, tuple(columns)
+    _check_scale(path, values, columns)
+    dates = _parse_dates(frame["date"], path)
+    _check_order(path, dates)
+    return dates, values, tuple(columns)
+
+
+def _check_header(path: pathlib.Path, names: list[str]) -> None:
+    """Duplicate column names (pandas would rename the second 'a' to 'a.1') and nameless
+    columns (a pandas index written by to_csv, read back as 'Unnamed: 0') are refused."""
+    import pandas as pd
+
+    raw = [str(c).strip() for c in pd.read_csv(path, header=None, nrows=1,
+                                               encoding_errors="replace").iloc[0]]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(raw):
+        if name in seen:
+            raise ForecastingDataError(f"{path}: column name {name!r} appears twice in the "
+                                       f"header (columns {seen[name]} and {i}); every column "
+                                       "needs its own name")
+        seen[name] = i
+    for name in names:
+        if name.startswith("Unnamed: "):
+            raise ForecastingDataError(
+                f"{path}: column {int(name.split(': ')[1])} has no name in the header (read as "
+                f"{name!r}); it looks like a row index saved by pandas' to_csv: drop it, or "
+                "write the file with to_csv(index=False)")
+
+
+def _check_scale(path: pathlib.Path, values: np.ndarray, columns: list[str]) -> None:
+    """Values the float32 pipeline cannot hold, or whose statistics overflow, are refused."""
+    big = np.finfo(np.float32).max / 16
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = values.std(axis=0)
+    for j, name in enumerate(columns):
+        column = values[:, j]
+        if np.abs(column).max() > big or not np.isfinite(spread[j]):
+            r = int(np.argmax(np.abs(column)))
+            raise ForecastingDataError(
+                f"{path}: column {name!r} holds {column[r]:.3g} at data row {r} (line {r + 2} "
+                f"of the file), beyond what float32 statistics can scale (|x| <= {big:.1g}); "
+                "rescale the column (e.g. to other units) or drop it")
+
+
+def _check_order(path: pathlib.Path, dates: np.ndarray) -> None:
+    """The splits are by row order (the first rows train), so the time stamps must not go
+    back: out-of-order rows would mix the future into the training rows. A repeated time
+    stamp is reported."""
+    step = np.diff(dates)
+    zero = np.flatnonzero(step == np.timedelta64(0))
+    back = np.flatnonzero(step < np.timedelta64(0))
+    if back.size:
+        r = int(back[0]) + 1
+        raise ForecastingDataError(
+            f"{path}: the dates are not in order: data row {r} (line {r + 2} of the file, "
+            f"{dates[r]}) comes before the row above it ({dates[r - 1]}); {back.size} such "
+            "place(s). The splits take the first rows for training, so the file must be sorted "
+            "by date: sort it (e.g. pandas' sort_values('date')) and remove duplicates")
+    if zero.size:  # reported, not refused: TSLib's own weather.csv repeats one time stamp
+        r = int(zero[0]) + 1
+        log.warning("%s: the time stamp %s appears twice, at data rows %d and %d (lines %d and "
+                    "%d of the file); %d repeated time stamp(s) in all, kept as rows", path,
+                    dates[r], r - 1, r, r + 1, r + 2, zero.size)
 
 
 def _parse_dates(column, path: pathlib.Path) -> np.ndarray:

@@ -19,11 +19,10 @@ def explain_override_error(error: Exception, argv: list[str]) -> str:
     hint = hint.replace("\\'", "'").strip("'\" ")
     for arg in argv:
         name = arg.split("=", 1)[0]
-        if name.startswith("--config.") and name.split(".")[-1] == missing:
+        if name.startswith("--config.") and missing in name.split(".")[1:]:
             key = name[len("--config."):]
             return (f"{arg}: the config has no key {key!r}" + (f" ({hint})" if hint else "")
-                    + "; run with --config=<file> --helpfull or read the config file for the "
-                    "keys it defines")
+                    + "; --config=<file> --help lists the keys")
     return f"bad --config override: {text}"
 
 

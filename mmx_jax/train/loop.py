@@ -29,8 +29,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mmx_jax.errors import ConfigError
 from mmx_jax.train import distributed
 from mmx_jax.train.checkpoint import Checkpoints, abstract_with_shardings
+from mmx_jax.train.config_check import check_config
 from mmx_jax.train.faults import kill_point
 from mmx_jax.train.optim import make_optimizer, schedule_position, time_clocked
 from mmx_jax.train.sharding import (
@@ -138,19 +140,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, tas
           devices=None, read_only: bool = False) -> Run:
     """Builds the task, mesh, abstract state and its shardings, and the checkpoint managers."""
     workdir = pathlib.Path(workdir)
-    if config.train.num_epochs < 1:
-        raise ValueError(f"train.num_epochs={config.train.num_epochs} must be at least 1")
     task = task or make_task(config)
     mesh = build_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-    global_batch_size = task.train_batch_size
-    if global_batch_size % mesh.size:
-        raise ValueError(f"data.batch_size={global_batch_size} is not divisible by the "
-                         f"{mesh.size} devices of the mesh {dict(mesh.shape)}")
-    steps_per_epoch = config.train.steps_per_epoch or task.steps_per_epoch()
-    steps_per_epoch = min(steps_per_epoch, task.steps_per_epoch())
-    if steps_per_epoch < 1:
-        raise ValueError(f"the training split has fewer windows than one batch of "
-                         f"{global_batch_size}")
+    for key, size in (("data.batch_size", task.train_batch_size),
+                      ("data.eval_batch_size", task.eval_batch_size)):
+        if size % mesh.size:
+            raise ConfigError(f"config key {key}={size} is not divisible by the {mesh.size} "
+                              f"devices of the mesh {dict(mesh.shape)}: wanted a multiple of "
+                              f"{mesh.size}")
+    if task.steps_per_epoch() < 1:
+        raise ConfigError(f"config key data.batch_size={task.train_batch_size} is larger than "
+                          f"the training split: {task.describe_split('train')}")
+    steps_per_epoch = min(config.train.steps_per_epoch or task.steps_per_epoch(),
+                          task.steps_per_epoch())
     run = Run(config=config, workdir=workdir, task=task, mesh=mesh,
               steps_per_epoch=steps_per_epoch,
               total_steps=steps_per_epoch * config.train.num_epochs, graphdefs={},
@@ -553,6 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     the final metrics, also written to workdir/results.json.
     """
     began = time.time()
+    check_config(config)
     with claim_workdir(config, workdir) as workdir:
         run = setup(config, workdir, task=task, devices=devices)
         trainer = None

@@ -139,7 +139,8 @@ def repoint_data(config, data_dir: str | os.PathLike) -> None:
 
 # -- config changes ---------------------------------------------------------------------------
 
-def _flat(config) -> dict[str, Any]:
+def flat_config(config) -> dict[str, Any]:
+    """A config (or its JSON dict) as {"dotted.key": value}, values as JSON has them."""
     tree = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
         else config
     out: dict[str, Any] = {}
@@ -161,7 +162,7 @@ def _extensible(key: str) -> bool:
 
 def config_changes(saved, new) -> tuple[list[str], list[str]]:
     """(refused, allowed): the differing keys of two configs, as "key: old -> new"."""
-    old, cur = _flat(saved), _flat(new)
+    old, cur = flat_config(saved), flat_config(new)
     refused, allowed = [], []
     for key in sorted(set(old) | set(cur)):
         if old.get(key, "<absent>") != cur.get(key, "<absent>"):
@@ -284,7 +285,7 @@ def claim_workdir(config, workdir: str | os.PathLike):
     resolve_data_paths(config)
     distributed.agree("config and workdir", {"workdir": str(workdir),
                                              **{f"config key {k}": v
-                                                for k, v in _flat(config).items()}})
+                                                for k, v in flat_config(config).items()}})
     check_config(config, workdir)  # before the lock: a refused run writes nothing
     lock = WorkdirLock(workdir)
     busy = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +31,8 @@ from flax import nnx
 from mmx_jax.data import images as img
 from mmx_jax.train.sharding import process_batch_slice
 from mmx_jax.train.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 class _Subset:
@@ -61,6 +64,9 @@ class ClassificationTask(Task):
     config: Any
     sources: dict[str, Any]  # "train", "val", "test" -> ImageArrays or source
     num_classes: int
+    # Per-channel statistics in 0..1 units: the config's, or measured on the training split.
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
     validation_metric = "top1"
     validation_mode = "max"
@@ -68,11 +74,8 @@ class ClassificationTask(Task):
     @classmethod
     def from_config(cls, config) -> ClassificationTask:
         d = config.data
-        channels = d.channels or None
-        train = img.open_image_source(d.name, d.train_split, data_dir=d.data_dir,
-                                      channels=channels, cache_dir=d.cache_dir)
-        test = img.open_image_source(d.name, d.eval_split, data_dir=d.data_dir,
-                                     channels=channels, cache_dir=d.cache_dir)
+        train = _open_split(d, "train_split")
+        test = _open_split(d, "eval_split")
         if d.pipeline == "memory":
             size = d.image_size or None
             train = img.decode_to_arrays(train, image_size=size, cache_dir=d.cache_dir)
@@ -89,7 +92,9 @@ class ClassificationTask(Task):
                 val, train = _Subset(train, held), _Subset(train, keep)
         else:
             val = test
-        return cls(config, {"train": train, "val": val, "test": test}, len(train.class_names))
+        task = cls(config, {"train": train, "val": val, "test": test}, len(train.class_names))
+        task.mean, task.std = _statistics(d, train)
+        return task
 
     @classmethod
     def synthetic(cls, config, num_classes: int = 10, *, seed: int = 0) -> ClassificationTask:
@@ -100,11 +105,18 @@ class ClassificationTask(Task):
         rng = np.random.default_rng(seed)
         n = 2 * d.batch_size
         arrays = img.ImageArrays(
-            rng.integers(0, 256, (n, d.image_size, d.image_size, d.channels), np.uint8),
+            rng.integers(0, 256, (n, d.image_size, d.image_size, d.channels or 3), np.uint8),
             rng.integers(0, num_classes, n).astype(np.int32),
             tuple(str(i) for i in range(num_classes)))
         config.data.pipeline = "memory"
-        return cls(config, {"train": arrays, "val": arrays, "test": arrays}, num_classes)
+        task = cls(config, {"train": arrays, "val": arrays, "test": arrays}, num_classes)
+        task.mean, task.std = _statistics(d, arrays)
+        return task
+
+    def describe_split(self, split: str) -> str:
+        """How many examples `split` has (for messages)."""
+        return (f"{len(self.sources[split])} image(s) in the {split} split of "
+                f"{self.config.data.name}")
 
     def fingerprint(self) -> str:
         """The splits' sizes and class names, and the sources' own fingerprints where they
@@ -120,8 +132,13 @@ class ClassificationTask(Task):
         return json.dumps([parts, list(self.sources["train"].class_names)])
 
     # -- model ----------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        """Channels of the images as the pipeline delivers them."""
+        return len(self.mean)
+
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return self._create_model(rngs, num_classes=self.num_classes)
+        return self._create_model(rngs, num_classes=self.num_classes, in_channels=self.channels)
 
     # -- batches --------------------------------------------------------------------------
     def _local(self, global_size: int) -> int:
@@ -150,7 +167,8 @@ class ClassificationTask(Task):
         else:
             transform = img.DeitTrainTransform(
                 size=d.image_size, randaugment_ops=d.randaugment_ops,
-                randaugment_magnitude=d.randaugment_magnitude, erasing_prob=d.erasing_prob)
+                randaugment_magnitude=d.randaugment_magnitude, erasing_prob=d.erasing_prob,
+                flip_prob=0.5 if d.get("flip", True) else 0.0)
             loader = img.ImageLoader(self.sources["train"], batch_size=local, train=True,
                                      seed=seed, transform=transform, num_epochs=None,
                                      worker_count=d.workers)
@@ -175,7 +193,7 @@ class ClassificationTask(Task):
 
     # -- math -----------------------------------------------------------------------------
     def _normalize(self, images):
-        return img.normalize(images, self.config.data.mean, self.config.data.std)
+        return img.normalize(images, self.mean, self.std)
 
     def train_inputs(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """The on-device augmentation of a training batch: (images, soft targets (B, classes)).
@@ -185,11 +203,13 @@ class ClassificationTask(Task):
         k_crop, k_mix = jax.random.split(key)  # as before cutout existed: same crops and mixes
         k_cut = jax.random.fold_in(key, 2)
         images = batch["image"]
-        if d.pipeline == "memory" and d.crop_padding >= 0:
-            images = img.random_crop_flip(k_crop, images, padding=d.crop_padding)
+        flip = d.get("flip", True)
+        if d.pipeline == "memory" and (d.crop_padding >= 0 or flip):  # -1 and no flip: off
+            images = img.random_crop_flip(k_crop, images, padding=max(d.crop_padding, 0),
+                                          flip_prob=0.5 if flip else 0.0)
         if d.pipeline == "memory" and d.get("cutout_size", 0) > 0:
             # The mean pixel: zero after normalisation.
-            fill = np.round(255 * np.asarray(d.mean)).astype(np.uint8)
+            fill = np.round(255 * np.asarray(self.mean)).astype(np.uint8)
             images = img.cutout(k_cut, images, d.cutout_size, fill=fill)
         if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
             return img.mixup_cutmix(
@@ -226,3 +246,52 @@ class ClassificationTask(Task):
         n = sums["count"]
         return {"top1": sums["correct1"] / n, "top5": sums["correct5"] / n,
                 "loss": sums["loss"] / n}
+
+
+_SPLIT_KINDS = ("folder", "archive")
+
+
+def _open_split(d, key: str):
+    """The source of split `d[key]`; a missing split names the config key and the splits the
+    source has."""
+    split = d[key]
+    try:
+        return img.open_image_source(d.name, split, data_dir=d.data_dir,
+                                     channels=d.channels or None, cache_dir=d.cache_dir)
+    except (FileNotFoundError, ValueError) as err:
+        available = _available_splits(d)
+        if available is None or split in available:
+            raise
+        raise FileNotFoundError(
+            f"{d.name}: no split {split!r} (config key data.{key}={split!r}); this source has "
+            f"the splits {', '.join(available)}: set --config.data.{key}=<one of them>") from err
+
+
+def _available_splits(d) -> list[str] | None:
+    import os  # noqa: PLC0415
+
+    kind, _, rest = str(d.name).partition(":")
+    if kind == "idx":
+        return ["train", "test"]
+    if kind == "folder" and os.path.isdir(rest):
+        return sorted(e.name for e in os.scandir(rest) if e.is_dir() and e.name[0] != ".")
+    return None
+
+
+def _statistics(d, train) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel in 0..1 units: the config's, or, where it gives None, measured
+    on (up to 5000 images of) the training split."""
+    if d.get("mean") is not None and d.get("std") is not None:
+        return tuple(map(float, d.mean)), tuple(map(float, d.std))
+    if isinstance(train, img.ImageArrays):
+        images = train.images
+    else:
+        picks = np.random.default_rng(0).permutation(len(train))[:5000]
+        images = np.stack([np.asarray(train[int(i)]["image"]) for i in picks])
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    mean, std = pixels.mean(axis=0), pixels.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    log.info("image statistics measured on the training split (%d images): mean %s, std %s",
+             len(images), np.round(mean, 4).tolist(), np.round(std, 4).tolist())
+    return (tuple(float(m) for m in (d.mean if d.get("mean") is not None else mean)),
+            tuple(float(x) for x in (d.std if d.get("std") is not None else std)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,8 @@ from flax import nnx
 from mmx_jax.data import ForecastingData, load_forecasting
 from mmx_jax.train.sharding import process_batch_slice
 from mmx_jax.train.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -30,7 +33,9 @@ class ForecastingTask(Task):
         d = config.data
         data = load_forecasting(d.name, seq_len=d.seq_len, pred_len=d.pred_len,
                                 features=d.features, target=d.target, data_dir=d.data_dir)
-        return cls(config, data)
+        task = cls(config, data)
+        task.check_splits()
+        return task
 
     # -- model ----------------------------------------------------------------------------
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -43,6 +48,23 @@ class ForecastingTask(Task):
         for split in ("train", "val", "test"):
             digest.update(np.ascontiguousarray(self.data.split(split).input_rows).tobytes())
         return f"{self.data.name}:{digest.hexdigest()[:16]}"
+
+    def describe_split(self, split: str) -> str:
+        """How many windows `split` has, and why (for messages)."""
+        d = self.data
+        part = d.split(split)
+        return (f"{part.num_windows} window(s) of {d.seq_len} + {d.pred_len} rows in the "
+                f"{part.num_rows} rows of the {split} split of {d.path or d.name}")
+
+    def check_splits(self) -> None:
+        """Warns about validation and test splits too short to measure much."""
+        for split in ("val", "test"):
+            n = self.data.split(split).num_windows
+            if n < self.train_batch_size:
+                log.warning("the %s split has only %s (fewer than a batch of %d): its metrics "
+                            "are noisy; a longer series or a shorter data.seq_len + "
+                            "data.pred_len gives more windows", split,
+                            self.describe_split(split), self.train_batch_size)
 
     # -- batches --------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
