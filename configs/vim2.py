@@ -63,8 +63,8 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         batch_size=512 if small_images else 1024,
         eval_batch_size=1000 if small_images else 1024,
         # Per-channel statistics in 0..1 units; None: measured on the training split
-        mean=None if small_images else IMAGENET_MEAN,
-        std=None if small_images else IMAGENET_STD,
+        mean=ml_collections.config_dict.placeholder(tuple) if small_images else IMAGENET_MEAN,
+        std=ml_collections.config_dict.placeholder(tuple) if small_images else IMAGENET_STD,
         # Augmentations; each can be turned off: crop_padding=-1, flip=False,
         # randaugment_ops=0, erasing_prob=0, cutout_size=0, mixup_alpha=cutmix_alpha=0,
         # label_smoothing=0.

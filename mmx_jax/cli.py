@@ -48,20 +48,21 @@ def _setup_logging(entry: str) -> RunLog:
 
 def _quiet_failed_restores(console: logging.Handler) -> None:
     """After a failed Orbax restore (a corrupt checkpoint, which the caller reports), the
-    reads still pending finish on an asyncio loop Orbax has closed: each prints an "Event
-    loop is closed" traceback as an unraisable exception, and asyncio logs the read errors
-    again. Hundreds of lines that add nothing: they go to the log file only."""
+    reads still pending finish on an asyncio loop Orbax has closed or are dropped unawaited:
+    each prints a traceback as an unraisable exception, and asyncio logs the read errors
+    again. Hundreds of lines that add nothing: unraisable exceptions and asyncio's log go to
+    the log file only."""
     default = sys.unraisablehook
 
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            log.debug("after a failed restore: %s", value)
-            return
-        default(unraisable)
+    quiet = logging.getLogger("mmx_jax.unraisable")
 
+    def hook(unraisable):
+        quiet.warning("unraisable exception in %r: %s", unraisable.object,
+                      unraisable.exc_value)
+
+    del default
     sys.unraisablehook = hook
-    console.addFilter(lambda record: record.name != "asyncio")
+    console.addFilter(lambda record: record.name not in ("asyncio", quiet.name))
     # Orbax warns that a read-only manager (eval.py) does not write: as it should not.
     console.addFilter(lambda record: not record.getMessage().startswith(
         "Given directory is read only"))

@@ -81,8 +81,8 @@ def process_envs(processes: int, devices_per_process: int | None, platform: str,
     gpus = _gpu_ids() if platform == "gpu" else []
     per = devices_per_process or (max(1, len(gpus) // processes) if gpus else 1)
     if platform == "gpu" and processes * per > len(gpus):
-        raise SystemExit(f"launch: {processes} processes x {per} GPUs need {processes * per} "
-                         f"GPUs; {len(gpus)} are visible")
+        raise ValueError(f"{processes} processes x {per} GPUs need {processes * per} GPUs; "
+                         f"{len(gpus)} are visible")
     for index in range(processes):
         env = dict(base, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index),
@@ -97,8 +97,6 @@ def process_envs(processes: int, devices_per_process: int | None, platform: str,
 
 
 def _command(args: list[str]) -> list[str]:
-    if not args:
-        raise SystemExit("launch: give the command after --, e.g. -- train.py --config ...")
     if args[0] == "-m" or args[0].endswith(".py"):
         return [sys.executable, *args]
     return args
@@ -203,9 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--processes={args.processes} must be at least 1")
     if args.devices_per_process is not None and args.devices_per_process < 1:
         parser.error(f"--devices-per-process={args.devices_per_process} must be at least 1")
+    if not command:
+        parser.error("give the command to start after --, e.g. -- train.py --config ...")
     command = _command(command)
-    envs = process_envs(args.processes, args.devices_per_process, _platform(args.platform),
-                        args.port or free_port())
+    try:
+        envs = process_envs(args.processes, args.devices_per_process,
+                            _platform(args.platform), args.port or free_port())
+    except ValueError as err:
+        parser.error(str(err))
     launch = Launch(command, envs, args.grace)
 
     def forward(signum, frame):

@@ -203,7 +203,8 @@ def test_unknown_override_key_fails_clearly(tmp_path):
 def test_mesh_and_batch_errors():
     from mmx_jax.train.sharding import build_mesh
 
-    with pytest.raises(ValueError, match="data=3 x fsdp=1 does not divide the 8 available"):
+    with pytest.raises(ValueError, match="mesh.data=3 x mesh.fsdp=1 do not divide the 8 "
+                       "available"):
         build_mesh(3, 1)
     config = small_config()
     config.data.batch_size = 12

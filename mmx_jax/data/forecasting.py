@@ -484,7 +484,9 @@ def _read_csv(path: pathlib.Path, *, target: str, features: str, layout: str
 
     try:
         # Blank lines are kept as empty rows so that data row r is always line r + 2.
-        frame = pd.read_csv(path, skip_blank_lines=False, encoding_errors="replace")
+        # Only empty cells are missing: "n/a" or "NaN" in a file is reported as written.
+        frame = pd.read_csv(path, skip_blank_lines=False, encoding_errors="replace",
+                            keep_default_na=False, na_values=[""])
     except FileNotFoundError as err:
         raise DataFileNotFoundError(f"data file {str(path)!r} does not exist") from err
     except (ValueError, lzma.LZMAError, EOFError) as err:  # parser, empty-file and xz errors

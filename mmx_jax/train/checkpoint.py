@@ -130,8 +130,13 @@ class Checkpoints:
         try:
             return (*self._restore_step(step, abstract_state), step)
         except Exception as err:  # noqa: BLE001 - Orbax and tensorstore raise many types
+            why = _first_line(err)
+            if "shape" in why:  # the config builds another model than the one saved
+                why = (f"it does not fit the model of the workdir's config.json "
+                       f"({why.split('. ')[0]}); the config and the checkpoint come from "
+                       "different runs")
             raise CheckpointCorruptError(
-                f"checkpoint {self.path(step)} cannot be restored: {_first_line(err)}") from err
+                f"checkpoint {self.path(step)} cannot be restored: {why}") from err
 
     def _restore_step(self, step: int, abstract_state):
         restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -151,6 +151,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, tas
     if task.steps_per_epoch() < 1:
         raise ConfigError(f"config key data.batch_size={task.train_batch_size} is larger than "
                           f"the training split: {task.describe_split('train')}")
+    task.check_splits()
     steps_per_epoch = min(config.train.steps_per_epoch or task.steps_per_epoch(),
                           task.steps_per_epoch())
     run = Run(config=config, workdir=workdir, task=task, mesh=mesh,

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mmx_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 BATCH_AXES = ("data", "fsdp")
@@ -28,16 +30,17 @@ def build_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | No
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: only one of data={data}, fsdp={fsdp} may be -1")
+        raise ConfigError(f"config keys mesh.data={data}, mesh.fsdp={fsdp}: only one may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if known < 1 or len(devices) % known:
-        raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not divide the "
-                         f"{len(devices)} available devices")
+        raise ConfigError(f"config keys mesh.data={data} x mesh.fsdp={fsdp} do not divide the "
+                          f"{len(devices)} available devices: wanted sizes whose product "
+                          f"divides {len(devices)} (-1: the rest)")
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     count = math.prod(sizes)
     if count > len(devices):
-        raise ValueError(f"mesh: data={sizes[0]} x fsdp={sizes[1]} needs {count} devices, "
-                         f"only {len(devices)} available")
+        raise ConfigError(f"config keys mesh.data={sizes[0]} x mesh.fsdp={sizes[1]} need "
+                          f"{count} devices, only {len(devices)} available")
     return Mesh(np.asarray(devices[:count]).reshape(sizes), BATCH_AXES)
 
 

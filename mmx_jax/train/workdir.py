@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from mmx_jax.errors import UsageError
 from mmx_jax.train import distributed
 from mmx_jax.train.faults import kill_point
 
@@ -122,7 +123,7 @@ def repoint_data(config, data_dir: str | os.PathLike) -> None:
     by its file or folder name (or is `data_dir` itself when the names match)."""
     data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data_dir {data_dir!r} is not a folder")
+        raise UsageError(f"--data_dir {data_dir!r} is not a folder")
     config.data.data_dir = data_dir
     source = _path_source(config)
     if source is None:
@@ -281,7 +282,7 @@ def claim_workdir(config, workdir: str | os.PathLike):
     """
     workdir = pathlib.Path(workdir).absolute()
     if workdir.exists() and not workdir.is_dir():
-        raise NotADirectoryError(f"--workdir {str(workdir)!r} is a file, not a folder")
+        raise UsageError(f"--workdir {str(workdir)!r} is a file, not a folder")
     resolve_data_paths(config)
     distributed.agree("config and workdir", {"workdir": str(workdir),
                                              **{f"config key {k}": v

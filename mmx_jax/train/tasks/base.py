@@ -42,3 +42,7 @@ class Task:
         name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
         return create_model(name, dtype=None if dtype == jnp.float32 else dtype, rngs=rngs,
                             **data_shapes, **m)
+
+    def check_splits(self) -> None:
+        """Warns about splits too small to measure much (once the batch sizes are known to
+        fit)."""

@@ -33,9 +33,7 @@ class ForecastingTask(Task):
         d = config.data
         data = load_forecasting(d.name, seq_len=d.seq_len, pred_len=d.pred_len,
                                 features=d.features, target=d.target, data_dir=d.data_dir)
-        task = cls(config, data)
-        task.check_splits()
-        return task
+        return cls(config, data)
 
     # -- model ----------------------------------------------------------------------------
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
