@@ -58,7 +58,7 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         val_holdout=1000 if small_images else 10000,
         pipeline="memory" if small_images else "grain",
         workers=0 if small_images else 16,
-        channels=0,  # 0: as the source stores them (grey idx files 1, image folders 3)
+        channels=0,  # 0: the source's default (idx files 1, image folders 3), else 1 or 3
         image_size=32 if small_images else 224,
         batch_size=512 if small_images else 1024,
         eval_batch_size=1000 if small_images else 1024,
