@@ -151,7 +151,7 @@ def _module_doc(path: str) -> str | None:
         return None
 
 
-def _parse_flags(prog: str, usage: str, doc: str) -> None:
+def _parse_flags(prog: str, usage: str, doc: str) -> list[str]:
     """absl flag parsing with the error contract (usage errors exit 2) and our --help."""
     if any(arg in _HELP_FLAGS for arg in sys.argv[1:]):
         argv = [a for a in sys.argv if a not in _HELP_FLAGS]
@@ -169,7 +169,7 @@ def _parse_flags(prog: str, usage: str, doc: str) -> None:
                   file=sys.stderr)
             sys.exit(2)
     try:
-        flags.FLAGS(sys.argv)
+        return flags.FLAGS(sys.argv)[1:]
     except (flags.Error, OSError, KeyError, AttributeError, ValueError) as err:
         if isinstance(err, flags.Error):
             message = _flag_error(err)
@@ -181,15 +181,21 @@ def _parse_flags(prog: str, usage: str, doc: str) -> None:
         sys.exit(2)
 
 
-def main(entry: str, usage: str, body: Callable[[], int | None], doc: str = "") -> None:
-    """Parses the flags and runs `body` under the error contract of the module docstring."""
+def main(entry: str, usage: str, body: Callable[..., int | None], doc: str = "",
+         takes_args: bool = False) -> None:
+    """Parses the flags and runs `body` under the error contract of the module docstring;
+    with `takes_args`, `body(args)` gets the arguments that are not flags."""
     prog = f"{entry}.py"
-    _parse_flags(prog, usage, doc)
+    args = _parse_flags(prog, usage, doc)
+    if args and not takes_args:
+        print(f"usage: {usage}\n{prog}: error: unexpected argument {args[0]!r} (only flags, "
+              "--help lists them)", file=sys.stderr)
+        sys.exit(2)
     run_log = _setup_logging(entry)
     verbose = flags.FLAGS.verbose
     try:
         distributed.initialize_distributed()
-        code = body()
+        code = body(args) if takes_args else body()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         distributed.exit_after_failure(130)

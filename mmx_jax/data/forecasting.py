@@ -476,12 +476,12 @@ def _assemble(*, name: str, path: pathlib.Path | None, label: str, layout: str, 
                            output_index=output_index, scaler=scaler, borders=borders, **splits)
 
 
-def _read_csv(path: pathlib.Path, *, target: str, features: str, layout: str
-              ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Reads the file; returns dates (n,) datetime64[ns], values (n, C) float64 and the C column
-    names in TSLib order (only the target in S mode). Every cell of them is checked."""
+def read_frame(path: str | os.PathLike):
+    """A CSV file (.csv or .csv.xz) as a pandas DataFrame, its header checked (`_read_csv`'s
+    first part; what `mmx_jax.inference.Forecaster.predict` reads)."""
     import pandas as pd  # here, not at module level: importing mmx_jax.data stays cheap
 
+    path = pathlib.Path(path)
     try:
         # Blank lines are kept as empty rows so that data row r is always line r + 2.
         # Only empty cells are missing: "n/a" or "NaN" in a file is reported as written.
@@ -491,8 +491,18 @@ def _read_csv(path: pathlib.Path, *, target: str, features: str, layout: str
         raise DataFileNotFoundError(f"data file {str(path)!r} does not exist") from err
     except (ValueError, lzma.LZMAError, EOFError) as err:  # parser, empty-file and xz errors
         raise ForecastingDataError(f"{path}: cannot be read as a CSV file: {err}") from err
+    _check_header(path, [str(c) for c in frame.columns])
+    return frame
+
+
+def _read_csv(path: pathlib.Path, *, target: str, features: str, layout: str
+              ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Reads the file; returns dates (n,) datetime64[ns], values (n, C) float64 and the C column
+    names in TSLib order (only the target in S mode). Every cell of them is checked."""
+    import pandas as pd
+
+    frame = read_frame(path)
     names = [str(c) for c in frame.columns]
-    _check_header(path, names)
     if "date" not in names:
         raise ForecastingDataError(f"{path}: no 'date' column; the first column is {names[0]!r} "
                                    "(the header must name the date column 'date', as TSLib needs)")
@@ -536,6 +546,41 @@ def _read_csv(path: pathlib.Path, *, target: str, features: str, layout: str
     dates = _parse_dates(frame["date"], path)
     _check_order(path, dates)
     return dates, values, tuple(columns)
+
+
+def infer_frequency(dates: np.ndarray) -> str | None:
+    """The pandas frequency of regular time stamps ("h", "15min", "10min", "D", "W-SUN",
+    "B", ...), or None when they have none. Looks at the last 1000; a few irregular steps
+    (a repeated or a missing time stamp) fall back on the most common step."""
+    import pandas as pd
+
+    index = pd.DatetimeIndex(np.asarray(dates)[-1000:])
+    if len(index) < 3:
+        return None
+    with warnings.catch_warnings():  # pandas 3 warns that it will return an offset later
+        warnings.simplefilter("ignore")
+        freq = pd.infer_freq(index)
+    freq = getattr(freq, "freqstr", freq)
+    if freq is None:
+        nanoseconds = np.asarray(index.values, "datetime64[ns]").astype(np.int64)
+        steps, counts = np.unique(np.diff(nanoseconds), return_counts=True)
+        step = steps[np.argmax(counts)]
+        if step <= 0 or counts.max() < 0.9 * counts.sum():
+            return None
+        for unit, ns in (("D", 86_400 * 10**9), ("h", 3_600 * 10**9), ("min", 60 * 10**9),
+                         ("s", 10**9), ("ms", 10**6), ("us", 10**3), ("ns", 1)):
+            if step % ns == 0:
+                count = int(step // ns)
+                return f"{count if count > 1 else ''}{unit}"
+    return freq
+
+
+def future_dates(last, freq: str, count: int) -> np.ndarray:
+    """The `count` time stamps after `last` at frequency `freq`, datetime64[ns]."""
+    import pandas as pd
+
+    offset = pd.tseries.frequencies.to_offset(freq)
+    return pd.date_range(pd.Timestamp(last) + offset, periods=count, freq=offset).to_numpy()
 
 
 def _check_header(path: pathlib.Path, names: list[str]) -> None:

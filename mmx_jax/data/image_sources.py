@@ -481,7 +481,8 @@ class ImageArrays:
         return len(self.class_names)
 
 
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) uint8 resized to `size` = (height, width), bicubic (unchanged if it has it)."""
     if image.shape[:2] == size:
         return image
     im = Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image)
@@ -504,7 +505,7 @@ def _decode_chunk(paths: Sequence[str], channels: int | None, size: tuple[int, i
             ok[k] = False
             continue
         if size is not None:
-            image = _resize(image, size)
+            image = resize(image, size)
         if image.shape != shape:
             raise ValueError(f"image file {path!r} has shape {image.shape}, wanted {shape} like "
                              "the first image of the split; pass image_size= to resize")
@@ -636,7 +637,7 @@ def _read_records(source: ImageSource, size: tuple[int, int] | None,
     images, labels = [], []
     for i in tqdm(range(len(source)), desc="reading", unit=" images", disable=not progress):
         example = source[i]
-        image = example["image"] if size is None else _resize(example["image"], size)
+        image = example["image"] if size is None else resize(example["image"], size)
         if images and image.shape != images[0].shape:
             raise ValueError(f"record {i} has image shape {image.shape}, wanted "
                              f"{images[0].shape}; pass image_size= to resize")

@@ -84,6 +84,7 @@ from mmx_jax.data.image_sources import (
     extract_archive,
     open_image_source,
     read_idx,
+    resize,
 )
 
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
@@ -93,10 +94,10 @@ __all__ = [
     "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CorruptImageError",
     "DeitTrainTransform", "EpochPlan", "EvalTransform", "FolderSource", "IdxSource",
     "ImageArrays", "ImageLoader", "ImageSource", "SmallImageTrainTransform", "TfdsSource",
-    "Transform", "array_batches", "cutout", "decode_image", "decode_to_arrays",
+    "Transform", "array_batches", "cutout", "decode_image", "decode_to_arrays", "eval_view",
     "default_cache_dir", "example_rng", "extract_archive", "mixup_cutmix", "normalize",
     "open_image_source", "rand_augment", "random_crop_flip", "random_erasing",
-    "random_resized_crop", "read_idx", "smooth_labels",
+    "random_resized_crop", "read_idx", "resize", "smooth_labels",
 ]
 
 
@@ -281,6 +282,15 @@ class ImageLoader:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self.iterate(0)
+
+
+def eval_view(image: np.ndarray, *, size: int, pipeline: str) -> np.ndarray:
+    """A decoded (H, W, C) uint8 image as `pipeline`'s evaluation sees it: "memory" resizes
+    it to (size, size) as `decode_to_arrays` does; "grain" resizes the shorter side and
+    crops the centre (`EvalTransform`)."""
+    if pipeline == "memory":
+        return resize(image, (size, size))
+    return EvalTransform(size=size)({"image": image})["image"]
 
 
 def array_batches(arrays: ImageArrays, *, batch_size: int, train: bool, seed: int = 0,

@@ -1,5 +1,6 @@
-"""Model families (one file each) and the registry that names them."""
+"""Model families (one file each), the registry that names them and the pretrained zoo."""
 
+from mmx_jax.models.pretrained import list_pretrained, load_pretrained
 from mmx_jax.models.registry import count_params, create_model, list_models, register_model
 from mmx_jax.models.tsm2 import TSM2
 from mmx_jax.models.vim2 import SIZES as VISION_SIZES
@@ -13,4 +14,4 @@ for _size, _args in VISION_SIZES.items():
     register_model(f"viqs_{_size}", ViQS, **_args)
 
 __all__ = ["TSM2", "ViM2", "ViQS", "count_params", "create_model", "list_models",
-           "register_model"]
+           "list_pretrained", "load_pretrained", "register_model"]

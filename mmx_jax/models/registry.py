@@ -24,8 +24,18 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides: Any) -> nnx.Module:
-    """An initialised NNX module for the registered `name` (seed 0 unless `rngs` is given)."""
+def create_model(name: str, *, pretrained: bool = False, rngs: nnx.Rngs | None = None,
+                 **overrides: Any) -> nnx.Module:
+    """An initialised NNX module for the registered `name` (seed 0 unless `rngs` is given),
+    or, with `pretrained=True`, the pretrained zoo's entry `name` in evaluation mode
+    (`mmx_jax.models.pretrained`)."""
+    if pretrained:
+        from mmx_jax.models.pretrained import load_pretrained  # noqa: PLC0415
+
+        if overrides or rngs is not None:
+            raise ValueError("create_model(pretrained=True) takes no model arguments: the "
+                             "entry's card fixes them")
+        return load_pretrained(name)[0]
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     constructor, defaults = _REGISTRY[name]

@@ -42,7 +42,8 @@ from mmx_jax.train.sharding import (
     state_shardings,
 )
 from mmx_jax.train.tasks import make_task
-from mmx_jax.train.workdir import atomic_write_text, claim_workdir
+from mmx_jax.train.tasks.base import create_task_model
+from mmx_jax.train.workdir import DATA_CARD, atomic_write_text, claim_workdir
 from mmx_jax.train.writers import MetricWriter, progress_bar
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,8 @@ class Run:
             return jax.jit(lambda: _split(*self._build())[1], out_shardings=self.shardings)()
 
     def _build(self):
-        seed = self.config.seed
-        model = self.task.create_model(nnx.Rngs(params=seed, dropout=seed + 1))
-        tx = make_optimizer(self.config.optimizer, total_steps=self.total_steps,
-                            steps_per_epoch=self.steps_per_epoch)
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        ema = (nnx.state(model, nnx.Param) if self.config.optimizer.ema_decay > 0 else None)
-        return model, optimizer, ema
+        return build_state(self.config, create_task_model(self.config, self.task.model_shapes()),
+                           total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
 
     def restore(self, which: str | int):
         """(state, meta, step) of a checkpoint, placed on this run's mesh."""
@@ -112,6 +108,19 @@ class Run:
         if ema is not None:
             nnx.update(model, ema)
         return model
+
+
+def build_state(config, create_model, *, total_steps: int = 1, steps_per_epoch: int = 1):
+    """(model, optimizer, EMA or None) of a run of `config`: `create_model(rngs)` builds the
+    model, seeded by `config.seed`. The step counts only shape the learning-rate schedule,
+    so any will do to restore a checkpoint."""
+    seed = config.seed
+    model = create_model(nnx.Rngs(params=seed, dropout=seed + 1))
+    tx = make_optimizer(config.optimizer, total_steps=total_steps,
+                        steps_per_epoch=steps_per_epoch)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    ema = nnx.state(model, nnx.Param) if config.optimizer.ema_decay > 0 else None
+    return model, optimizer, ema
 
 
 def _threefry_as_kernel():
@@ -562,6 +571,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         trainer = None
         try:
             distributed.agree("data and devices", run.facts())
+            if jax.process_index() == 0:  # what using the model needs of its data
+                atomic_write_text(run.workdir / DATA_CARD,
+                                  json.dumps(run.task.describe(), indent=2) + "\n")
             log.info("data and model set up in %.1f s", time.time() - began)
             trainer = Trainer(run, began)
             trainer.start()

@@ -1,6 +1,8 @@
 """A training workdir: one owner at a time, one config, paths that resolve from anywhere.
 
     workdir/.lock          held (flock) by the train.py that owns the workdir; says who
+    workdir/data.json      what using the trained model needs of its data: shapes, scaler
+                           statistics, column and class names, the series' frequency
     workdir/config.json    the resolved config; a re-run may only extend the run
                            (`EXTENSIBLE_KEYS`), anything else is refused before the workdir
                            is touched
@@ -39,6 +41,7 @@ from mmx_jax.train.faults import kill_point
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+DATA_CARD = "data.json"  # what using the model needs of its data (Task.describe)
 LOCK_FILE = ".lock"
 
 # Config keys a re-run may change (a key ending in "." stands for all keys under it).

@@ -36,13 +36,36 @@ class Task:
     def eval_batch_size(self) -> int:
         return self.config.data.eval_batch_size
 
-    def _create_model(self, rngs: nnx.Rngs, **data_shapes) -> nnx.Module:
-        """`config.model` names the model and its arguments; the data fixes its shapes."""
-        m = self.config.model.to_dict()
-        name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
-        return create_model(name, dtype=None if dtype == jnp.float32 else dtype, rngs=rngs,
-                            **data_shapes, **m)
+    def model_shapes(self) -> dict[str, Any]:
+        """The model arguments the data fixes (e.g. num_variates, num_classes)."""
+        raise NotImplementedError
+
+    def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return create_task_model(self.config, self.model_shapes())(rngs)
+
+    def describe(self) -> dict[str, Any]:
+        """What a trained model needs to know of its data to be used without it (saved as
+        workdir/data.json): the model's shapes, and how inputs are scaled and outputs named."""
+        raise NotImplementedError
 
     def check_splits(self) -> None:
         """Warns about splits too small to measure much (once the batch sizes are known to
         fit)."""
+
+
+def model_spec(config, shapes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(registry name, arguments) of the model `config.model` names, with the shapes the data
+    fixes: `create_model(name, rngs=..., **arguments)` builds it."""
+    m = config.model.to_dict()
+    name, dtype = m.pop("name"), compute_dtype(m.pop("dtype"))
+    return name, {**m, **shapes, **({} if dtype == jnp.float32 else {"dtype": dtype})}
+
+
+def create_task_model(config, shapes: dict[str, Any]):
+    """``create(rngs) -> model``: the model of `model_spec`."""
+    name, arguments = model_spec(config, shapes)
+
+    def create(rngs: nnx.Rngs) -> nnx.Module:
+        return create_model(name, rngs=rngs, **arguments)
+
+    return create

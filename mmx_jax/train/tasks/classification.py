@@ -137,8 +137,16 @@ class ClassificationTask(Task):
         """Channels of the images as the pipeline delivers them."""
         return len(self.mean)
 
-    def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return self._create_model(rngs, num_classes=self.num_classes, in_channels=self.channels)
+    def model_shapes(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "in_channels": self.channels}
+
+    def describe(self) -> dict[str, Any]:
+        d = self.config.data
+        return {"task": "classification", "source": str(d.name),
+                "class_names": list(self.sources["train"].class_names),
+                "channels": self.channels, "image_size": d.image_size,
+                "pipeline": d.pipeline, "mean": list(self.mean), "std": list(self.std),
+                "model_shapes": self.model_shapes()}
 
     # -- batches --------------------------------------------------------------------------
     def _local(self, global_size: int) -> int:

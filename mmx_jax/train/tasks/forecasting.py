@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mmx_jax.data import ForecastingData, load_forecasting
+from mmx_jax.data.forecasting import infer_frequency
 from mmx_jax.train.sharding import process_batch_slice
 from mmx_jax.train.tasks.base import Task
 
@@ -36,9 +37,21 @@ class ForecastingTask(Task):
         return cls(config, data)
 
     # -- model ----------------------------------------------------------------------------
-    def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return self._create_model(rngs, num_variates=self.data.num_input_variates,
-                                  seq_len=self.data.seq_len, pred_len=self.data.pred_len)
+    def model_shapes(self) -> dict[str, Any]:
+        d = self.data
+        return {"num_variates": d.num_input_variates, "seq_len": d.seq_len,
+                "pred_len": d.pred_len}
+
+    def describe(self) -> dict[str, Any]:
+        d = self.data
+        train_dates = d.split("train").dates
+        return {"task": "forecasting", "source": str(d.path or d.name), "layout": d.layout,
+                "features": d.features, "target": d.target, "seq_len": d.seq_len,
+                "pred_len": d.pred_len, "columns": list(d.columns),
+                "output_columns": list(d.output_columns),
+                "scaler": {"mean": d.scaler.mean.tolist(), "scale": d.scaler.scale.tolist()},
+                "freq": infer_frequency(train_dates),
+                "model_shapes": self.model_shapes()}
 
     def fingerprint(self) -> str:
         """A digest of the data as loaded (file contents, columns, splits)."""

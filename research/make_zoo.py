@@ -1,0 +1,183 @@
+r"""Makes the pretrained zoo's entries (mmx_jax/models/weights/) from training runs.
+
+    python -m research.make_zoo train --pairs etth2:96,etth2:192 \
+        --data-dir ../shared/data/timeseries --runs runs/zoo      # train.py, then add
+    python -m research.make_zoo add --workdir runs/zoo/etth2_96 --name tsm2_etth2_96 \
+        --command "python train.py ..." --date 2026-12-05
+    python -m research.make_zoo check                             # every entry's test MSE
+
+`train` runs `configs/tsm2.py:paper,dataset=<d>,horizon=<h>,seed=0` (the chosen configuration
+of results/tsm2.md, seed 0) for each pair with train.py, then `add`s its best checkpoint.
+`add` writes the weights (float32, no optimizer state) and the card: data set, split, config
+and command, seed, validation and test metrics, the seed-0 test MSE recorded in
+results/tsm2_runs.jsonl, hardware and date. `check` evaluates every TSM2 entry on its test
+split and compares with its card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUNS = REPO / "results" / "tsm2_runs.jsonl"
+PAPER_SPLIT = {"ett_hour": "Time-Series-Library: 12 / 4 / 4 months of hourly rows",
+               "ett_minute": "Time-Series-Library: 12 / 4 / 4 months of 15-minute rows",
+               "custom": "Time-Series-Library: 70 / 10 / 20 % of the rows"}
+
+
+def hardware() -> str:
+    """The CPU (and GPU, if JAX sees one) this process runs on."""
+    import jax  # noqa: PLC0415
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os  # noqa: PLC0415
+
+    device = jax.devices()[0]
+    gpu = "" if device.platform == "cpu" else f", {device.device_kind}"
+    return f"{os.cpu_count()}-core {cpu}{gpu}"
+
+
+def recorded_seed0(dataset: str, horizon: int) -> dict | None:
+    """The seed-0 run of the chosen candidate of (dataset, horizon) in results/tsm2_runs.jsonl."""
+    from research import tsm2_reproduce as driver  # noqa: PLC0415
+
+    rows = driver.read_runs(RUNS)
+    chosen = driver.winners(rows).get((dataset, horizon))
+    for row in rows:
+        if (row.get("dataset"), row.get("horizon"), row.get("seed"), row.get("candidate")) == \
+                (dataset, horizon, 0, chosen) and "error" not in row:
+            return row
+    return None
+
+
+def add(workdir: pathlib.Path, name: str, command: str, date: str, hw: str) -> pathlib.Path:
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from mmx_jax.inference import load_trained  # noqa: PLC0415
+    from mmx_jax.models.pretrained import save_pretrained  # noqa: PLC0415
+    from mmx_jax.train.tasks.base import model_spec  # noqa: PLC0415
+
+    trained = load_trained(workdir, "best")
+    config, card = trained.config, dict(trained.card)
+    results = json.loads((workdir / "results.json").read_text())
+    model_name, kwargs = model_spec(config, card["model_shapes"])
+    if "dtype" in kwargs:
+        kwargs["dtype"] = str(jnp.dtype(kwargs["dtype"]))
+    kwargs["scan_impl"] = "auto"  # the same numbers; the Pallas kernel where there is a GPU
+    dataset, horizon = config.data.name, config.data.pred_len
+    card["source"] = (f"{dataset} (bundled with mmx_jax)" if dataset.lower() == "etth1"
+                      else f"{dataset} (Time-Series-Library's file)")
+    recorded = recorded_seed0(dataset, horizon)
+    entry = {
+        "name": name,
+        "summary": f"TSM2 on {dataset}, input {config.data.seq_len}, horizon {horizon}",
+        "dataset": dataset, "split": PAPER_SPLIT.get(card.get("layout"), ""),
+        "seed": config.seed, "command": command, "hardware": hw, "date": date,
+        "best_step": results["best_step"],
+        "metrics": {k: v for k, v in results.items() if k.startswith(("best_val_", "test_"))},
+        "recorded_seed0_test_mse": recorded["test_mse"] if recorded else None,
+        "model": {"name": model_name, "kwargs": kwargs},
+        "config": json.loads(config.to_json_best_effort()),
+        "data": card,
+    }
+    return save_pretrained(name, trained.model, entry)
+
+
+def cmd_add(args) -> None:
+    path = add(pathlib.Path(args.workdir), args.name, args.command, args.date, args.hardware
+               or hardware())
+    print(path)
+
+
+def cmd_train(args) -> None:
+    hw = hardware()
+    for pair in args.pairs.split(","):
+        dataset, horizon = pair.split(":")
+        workdir = pathlib.Path(args.runs) / f"{dataset}_{horizon}"
+        spec = f"configs/tsm2.py:paper,dataset={dataset},horizon={horizon},seed=0"
+        command = ["train.py", f"--config={spec}", f"--workdir={workdir}"]
+        if args.data_dir:
+            command.append(f"--config.data.data_dir={args.data_dir}")
+        started = time.time()
+        subprocess.run([sys.executable, *command], cwd=REPO, check=True)
+        shown = " ".join(["python", *command]).replace(str(args.data_dir or "~"),
+                                                        "<data folder>")
+        path = add(REPO / workdir if not workdir.is_absolute() else workdir,
+                   f"tsm2_{dataset}_{horizon}", shown,
+                   datetime.date.today().isoformat(), hw)
+        print(f"{path} ({time.time() - started:.0f} s)", flush=True)
+
+
+def cmd_check(args) -> None:
+    """Evaluates every TSM2 entry on its test split: MSE against its card."""
+    from mmx_jax.inference import Forecaster  # noqa: PLC0415
+    from mmx_jax.models.pretrained import list_pretrained, pretrained_card  # noqa: PLC0415
+
+    print("| entry | test MSE (card) | test MSE now | recorded seed 0 |")
+    print("|---|---|---|---|")
+    for name in list_pretrained():
+        card = pretrained_card(name)
+        if card["data"]["task"] != "forecasting":
+            continue
+        mse = test_mse(Forecaster.from_pretrained(name), card, args.data_dir)
+        print(f"| {name} | {card['metrics']['test_mse']:.5f} | {mse:.5f} | "
+              f"{card['recorded_seed0_test_mse'] or float('nan'):.5f} |")
+
+
+def test_mse(forecaster, card, data_dir=None, batch: int = 256) -> float:
+    """MSE of `forecaster` over every test window of its data set, on the scaled data."""
+    from mmx_jax.data import load_forecasting  # noqa: PLC0415
+
+    d = card["config"]["data"]
+    data = load_forecasting(d["name"], seq_len=d["seq_len"], pred_len=d["pred_len"],
+                            features=d["features"], target=d["target"], data_dir=data_dir)
+    split = data.split("test")
+    total, count = 0.0, 0
+    for start in range(0, split.num_windows, batch):
+        x, y = split.get_batch(np.arange(start, min(start + batch, split.num_windows)))
+        err = forecaster.predict_scaled(x) - y
+        total += float(np.sum(err.astype(np.float64) ** 2))
+        count += err.size
+    return total / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("add", help="an entry from a training workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--command", required=True, help="the command that trained it")
+    p.add_argument("--date", default=datetime.date.today().isoformat())
+    p.add_argument("--hardware", default=None, help="default: this machine's")
+    p.set_defaults(run=cmd_add)
+    p = sub.add_parser("train", help="train (dataset, horizon) pairs and add them")
+    p.add_argument("--pairs", required=True, help="e.g. etth2:96,etth2:192")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--runs", default="runs/zoo")
+    p.set_defaults(run=cmd_train)
+    p = sub.add_parser("check", help="every TSM2 entry's test MSE against its card")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(run=cmd_check)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
