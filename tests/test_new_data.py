@@ -1,6 +1,7 @@
 """Data the project has never seen, made here in kinds the bundled data sets are not: a daily
 series with its target in the middle under another name, and grey-scale images in a folder.
-Each trains and evaluates with train.py and eval.py from flags alone."""
+Each trains and evaluates with train.py and eval.py from flags alone, and the series is
+forecast with predict.py."""
 
 from __future__ import annotations
 
@@ -58,6 +59,18 @@ def test_a_daily_series_with_another_layout_trains_and_evaluates_from_flags(tmp_
     report = json.loads(entry("eval.py", "--workdir=run", cwd=tmp_path).stdout)
     assert report["test_mse"] == pytest.approx(results["test_mse"], rel=1e-6)
     assert pathlib.Path(report["plot"]).stat().st_size > 10_000
+    # The future of the series: 14 days after its last row, in its own units.
+    entry("predict.py", "--workdir=run", "--input=sales.csv", "--output=future.csv",
+          "--plot=future.png", cwd=tmp_path)
+    import pandas as pd  # noqa: PLC0415
+
+    future = pd.read_csv(tmp_path / "future.csv", parse_dates=["date"])
+    # TSLib order: the target last.
+    assert list(future.columns) == ["date", "temperature", "price", "wind", "holiday", "load"]
+    last = pd.read_csv(tmp_path / "sales.csv", parse_dates=["date"])["date"].iloc[-1]
+    assert list(future["date"]) == list(pd.date_range(last, periods=15, freq="D")[1:])
+    assert 50 < future["load"].mean() < 200  # file units, not scaled ones
+    assert (tmp_path / "future.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
