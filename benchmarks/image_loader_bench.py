@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from mmx_jax.data.images import (
+from mmx_jax.data import (
     DeitTrainTransform,
     FolderSource,
     ImageLoader,

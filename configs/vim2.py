@@ -68,7 +68,7 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         # Augmentations; each can be turned off: crop_padding=-1, flip=False,
         # randaugment_ops=0, erasing_prob=0, cutout_size=0, mixup_alpha=cutmix_alpha=0,
         # label_smoothing=0.
-        crop_padding=4 if small_images else -1,  # on-device pad-and-crop (memory pipeline)
+        crop_padding=4 if small_images else -1,  # pad-and-crop: on device (memory), per example (grain)
         flip=True,  # random left-right mirror
         randaugment_ops=2,
         randaugment_magnitude=9.0,

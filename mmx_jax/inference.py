@@ -283,8 +283,8 @@ class Classifier:
 
     def view(self, image: np.ndarray) -> np.ndarray:
         """A decoded image (H, W[, C]) uint8 as the model's evaluation pipeline shows it."""
+        from mmx_jax.data import eval_view  # noqa: PLC0415
         from mmx_jax.data.image_sources import to_channels  # noqa: PLC0415
-        from mmx_jax.data.images import eval_view  # noqa: PLC0415
 
         return eval_view(to_channels(np.asarray(image, np.uint8), self.channels),
                          size=self.size, pipeline=self.pipeline)

@@ -54,7 +54,7 @@ def main():
     if args.cache_dir:  # read by JAX here and in the eval.py process
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(pathlib.Path(args.cache_dir) / "jax")
 
-    from mmx_jax.data.images import FolderSource, decode_to_arrays, extract_archive
+    from mmx_jax.data import FolderSource, decode_to_arrays, extract_archive
     from mmx_jax.train.config_args import apply_overrides, load_config_file
     from mmx_jax.train.evaluate import eval_dir
     from mmx_jax.train.loop import train_and_evaluate

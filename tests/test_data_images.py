@@ -14,18 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmx_jax.data import image_sources
-from mmx_jax.data.augment import (
-    IMAGENET_FILL,
-    RANDAUGMENT_OPS,
-    apply_randaugment_op,
-    center_crop,
-    cutout,
-    pad_random_crop,
-    rand_augment,
-    random_resized_crop_box,
-)
-from mmx_jax.data.images import (
+from mmx_jax.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CorruptImageError,
@@ -38,6 +27,7 @@ from mmx_jax.data.images import (
     ImageLoader,
     SmallImageTrainTransform,
     array_batches,
+    decode_cache,
     decode_to_arrays,
     example_rng,
     extract_archive,
@@ -49,7 +39,17 @@ from mmx_jax.data.images import (
     read_idx,
     smooth_labels,
 )
-from mmx_jax.data.images import cutout as cutout_jax
+from mmx_jax.data import cutout as cutout_jax
+from mmx_jax.data.augment import (
+    IMAGENET_FILL,
+    RANDAUGMENT_OPS,
+    apply_randaugment_op,
+    center_crop,
+    cutout,
+    pad_random_crop,
+    rand_augment,
+    random_resized_crop_box,
+)
 
 CIFAR_ARCHIVE = "images/cifar10_jpg.tar.xz"
 FASHION = "images/fashion_mnist"
@@ -525,7 +525,7 @@ def test_decode_to_arrays_caches_beside_the_data(cifar_folder, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of loading the cache")
 
-    monkeypatch.setattr(image_sources, "_decode_folder", no_decoding)
+    monkeypatch.setattr(decode_cache, "_decode_folder", no_decoding)
     again = decode_to_arrays(FolderSource(root, "train"), num_workers=0, progress=False)
     np.testing.assert_array_equal(again.images, arrays.images)
     np.testing.assert_array_equal(again.labels, arrays.labels)

@@ -1,4 +1,4 @@
-"""Random-access image sources, archive extraction and the in-memory decode of small splits.
+"""Random-access image sources.
 
 Every source is a sequence: ``len(source)`` and ``source[i] -> {"image": uint8 (H, W, C),
 "label": int}``, with ``class_names`` and ``num_classes``. Three kinds:
@@ -8,9 +8,9 @@ Every source is a sequence: ``len(source)`` and ``source[i] -> {"image": uint8 (
     TfdsSource(name, split)     a prepared tensorflow-datasets data source (ArrayRecord, no TF)
 
 ``open_image_source("folder:<root>" | "archive:<file.tar.xz>" | "idx:<folder>" | "tfds:<name>",
-split)`` builds one from a config string. ``extract_archive`` unpacks an image archive once into
-a cache folder; ``decode_to_arrays`` decodes a whole small split into one uint8 array, cached as
-an ``.npz`` beside the data, for the fast in-memory path.
+split)`` builds one from a config string (archives are unpacked once by
+`archives.extract_archive`; `decode_cache.decode_to_arrays` decodes a whole small split into
+memory for the fast path).
 
 A corrupt image fails fast with `CorruptImageError` naming the file; with ``on_error="skip"``
 a folder source logs it, counts it (``num_skipped``, per process) and serves the next readable
@@ -19,26 +19,23 @@ record in its place so that batch shapes and step counts do not change.
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
 import gzip
 import hashlib
 import importlib
 import logging
-import multiprocessing
 import os
 import pathlib
-import shutil
 import sys
-import tarfile
-import tempfile
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
+from mmx_jax.data.archives import extract_archive
+
 log = logging.getLogger(__name__)
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 OnError = Literal["raise", "skip"]
@@ -381,271 +378,6 @@ class TfdsSource:
         record = self._source[int(index)]
         image = to_channels(np.asarray(record[self.image_key], np.uint8), self.channels)
         return {"image": image, "label": np.int32(record[self.label_key])}
-
-
-def default_cache_dir() -> pathlib.Path:
-    """``$MMX_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmx_jax``, else ``~/.cache/mmx_jax``."""
-    if os.environ.get("MMX_CACHE_DIR"):
-        return pathlib.Path(os.environ["MMX_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "mmx_jax"
-
-
-def _archive_stem(archive: pathlib.Path) -> str:
-    name = archive.name
-    for suffix in (".tar.xz", ".tar.gz", ".tar.bz2", ".tgz", ".txz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return archive.stem
-
-
-def _single_top_folder(folder: pathlib.Path) -> pathlib.Path:
-    entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
-
-
-def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                    *, progress: bool = True) -> pathlib.Path:
-    """Extracts a tar archive once into ``cache_dir`` and returns the folder root.
-
-    The archive is unpacked into a temporary folder beside the destination and renamed into
-    place only when complete, so an interrupted extraction is never taken for a finished one
-    (its leftover temporary folder is ignored and can be deleted). The destination is keyed by
-    the archive's name and size; later calls return at once. When the archive holds a single
-    top-level folder (``cifar10_jpg/train/...``) that folder is returned, so
-    ``FolderSource(root, "train")`` works on the result.
-
-    Args:
-      archive: a ``.tar``, ``.tar.xz``, ``.tar.gz`` or ``.tar.bz2`` file.
-      cache_dir: where to extract; default `default_cache_dir()`.
-      progress: show a tqdm bar over the members.
-
-    Raises:
-      FileNotFoundError: naming the archive when it does not exist.
-    """
-    archive = pathlib.Path(archive)
-    if not archive.is_file():
-        raise FileNotFoundError(f"archive {os.fspath(archive)!r} does not exist")
-    cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    dest = cache_dir / f"{_archive_stem(archive)}-{archive.stat().st_size}"
-    if dest.is_dir():
-        return _single_top_folder(dest)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=cache_dir))
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar
-            if progress:
-                from tqdm.auto import tqdm
-                members = tqdm(tar, desc=f"extracting {archive.name}", unit=" files")
-            for member in members:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extract(member, tmp, filter="data")
-                else:  # Python < 3.11.4: refuse what the "data" filter would refuse
-                    if member.name.startswith("/") or ".." in pathlib.PurePosixPath(
-                            member.name).parts or not (member.isdir() or member.isfile()):
-                        raise ValueError(f"archive {os.fspath(archive)!r} has an unsafe member "
-                                         f"{member.name!r}")
-                    tar.extract(member, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not dest.is_dir():  # a concurrent extraction that finished first is fine
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _single_top_folder(dest)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageArrays:
-    """A whole split in memory: images (N, H, W, C) uint8, labels (N,) int32."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    num_skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Random access like a source: ``{"image": (H, W, C) uint8, "label": int32}``."""
-        return {"image": self.images[int(index)], "label": np.int32(self.labels[int(index)])}
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, C) uint8 resized to `size` = (height, width), bicubic (unchanged if it has it)."""
-    if image.shape[:2] == size:
-        return image
-    im = Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image)
-    out = np.asarray(im.resize((size[1], size[0]), Image.Resampling.BICUBIC), np.uint8)
-    return out[:, :, None] if out.ndim == 2 else out
-
-
-def _decode_chunk(paths: Sequence[str], channels: int | None, size: tuple[int, int] | None,
-                  shape: tuple[int, int, int], skip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes ``paths`` into (n, H, W, C) uint8 and an ok mask (pool worker)."""
-    out = np.zeros((len(paths), *shape), np.uint8)
-    ok = np.ones(len(paths), bool)
-    for k, path in enumerate(paths):
-        try:
-            image = decode_image(path, channels)
-        except CorruptImageError as e:
-            if not skip:
-                raise
-            log.warning("skipping unreadable image: %s", e)
-            ok[k] = False
-            continue
-        if size is not None:
-            image = resize(image, size)
-        if image.shape != shape:
-            raise ValueError(f"image file {path!r} has shape {image.shape}, wanted {shape} like "
-                             "the first image of the split; pass image_size= to resize")
-        out[k] = image
-    return out, ok
-
-
-def _cache_path(source: FolderSource, cache_dir: pathlib.Path | None,
-                image_size: tuple[int, int] | None) -> pathlib.Path:
-    size = "native" if image_size is None else f"{image_size[0]}x{image_size[1]}"
-    channels = "asis" if source.channels is None else f"c{source.channels}"
-    folder = cache_dir if cache_dir is not None else source.root
-    return folder / f"{source.split}.{size}-{channels}.arrays.npz"
-
-
-def _is_writable_dir(folder: pathlib.Path) -> bool:
-    return folder.is_dir() and os.access(folder, os.W_OK)
-
-
-def decode_to_arrays(source: FolderSource | IdxSource | ImageSource, *,
-                     image_size: int | tuple[int, int] | None = None, cache: bool = True,
-                     cache_dir: str | os.PathLike | None = None, num_workers: int | None = None,
-                     chunk_size: int = 512, progress: bool = True) -> ImageArrays:
-    """Decodes a whole split into one uint8 array, with an ``.npz`` cache for later runs.
-
-    For a `FolderSource` the files are decoded by a process pool (``num_workers`` processes,
-    default the CPU count; 0 decodes in this process) and the result is cached as
-    ``<root>/<split>.<size>-<channels>.arrays.npz`` (or in ``cache_dir``), keyed by the split,
-    the size and a fingerprint of the listed files, so later runs load it in about a second.
-    The cache is written atomically; when the folder is read-only and no ``cache_dir`` is
-    given, nothing is cached (with a warning). An `IdxSource` is already in memory and is
-    returned as is; any other source is read record by record.
-
-    Args:
-      source: the split to decode.
-      image_size: resize every image to this (H, W) (or square) with bicubic filtering; None
-        requires all images to have the first image's shape.
-      cache, cache_dir: whether and where to cache (folder sources only).
-      num_workers, chunk_size: process pool size and files per task.
-      progress: show a tqdm bar.
-
-    Returns:
-      `ImageArrays` with images (N, H, W, C) uint8 and labels (N,) int32; with
-      ``on_error="skip"`` unreadable files are left out and counted in ``num_skipped``.
-    """
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if isinstance(source, IdxSource) and size is None:
-        images, labels = source.arrays()
-        return ImageArrays(images, labels, source.class_names)
-    if not isinstance(source, FolderSource):
-        return _read_records(source, size, progress)
-
-    path = _cache_path(source, pathlib.Path(cache_dir) if cache_dir else None, size)
-    fingerprint = source.fingerprint()
-    if cache and path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["fingerprint"]) == fingerprint:
-                return ImageArrays(data["images"], data["labels"],
-                                   tuple(str(c) for c in data["class_names"]),
-                                   int(data["num_skipped"]))
-        log.info("cache %s is stale (the folder changed); decoding again", path)
-
-    images, labels, num_skipped = _decode_folder(source, size, num_workers, chunk_size, progress)
-    if num_skipped:
-        log.warning("%d unreadable image(s) skipped in %s", num_skipped, source.split_dir)
-    result = ImageArrays(images, labels, source.class_names, num_skipped)
-    if cache:
-        if not _is_writable_dir(path.parent):
-            if cache_dir is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            else:
-                log.warning("folder %s is not writable: the decoded split is not cached "
-                            "(pass cache_dir=)", path.parent)
-                return result
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
-                                   dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=images, labels=labels,
-                         class_names=np.asarray(source.class_names, str),
-                         fingerprint=np.asarray(fingerprint), num_skipped=np.asarray(num_skipped))
-            os.chmod(tmp, 0o644)  # mkstemp made it private
-            os.replace(tmp, path)
-        except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
-            raise
-    return result
-
-
-def _decode_folder(source: FolderSource, size: tuple[int, int] | None, num_workers: int | None,
-                   chunk_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    from tqdm.auto import tqdm
-
-    skip = source.on_error == "skip"
-    first = source[0]["image"]  # raises (or skips) like the source would
-    shape = (*size, first.shape[-1]) if size is not None else first.shape
-    paths = source.paths
-    chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
-    args = (source.channels, size, shape, skip)
-    workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    bar = tqdm(total=len(paths), desc=f"decoding {source.split}", unit=" images",
-               disable=not progress)
-    parts = []
-    if workers == 0 or len(chunks) == 1:
-        for chunk in chunks:
-            parts.append(_decode_chunk(chunk, *args))
-            bar.update(len(chunk))
-    else:
-        # spawn, not fork: the parent may already run JAX's threads.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)),
-                                                    mp_context=context) as pool:
-            futures = [pool.submit(_decode_chunk, chunk, *args) for chunk in chunks]
-            for future, chunk in zip(futures, chunks, strict=True):
-                parts.append(future.result())
-                bar.update(len(chunk))
-    bar.close()
-    images = np.concatenate([p[0] for p in parts])
-    ok = np.concatenate([p[1] for p in parts])
-    if not ok.any():
-        raise CorruptImageError(f"no image in {os.fspath(source.split_dir)!r} could be decoded")
-    return images[ok], source.labels[ok], int((~ok).sum())
-
-
-def _read_records(source: ImageSource, size: tuple[int, int] | None,
-                  progress: bool) -> ImageArrays:
-    from tqdm.auto import tqdm
-
-    images, labels = [], []
-    for i in tqdm(range(len(source)), desc="reading", unit=" images", disable=not progress):
-        example = source[i]
-        image = example["image"] if size is None else resize(example["image"], size)
-        if images and image.shape != images[0].shape:
-            raise ValueError(f"record {i} has image shape {image.shape}, wanted "
-                             f"{images[0].shape}; pass image_size= to resize")
-        images.append(image)
-        labels.append(example["label"])
-    return ImageArrays(np.stack(images), np.asarray(labels, np.int32),
-                       tuple(getattr(source, "class_names", ())),
-                       int(getattr(source, "num_skipped", 0)))
 
 
 def open_image_source(dataset: str, split: str, *, data_dir: str | os.PathLike | None = None,

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mmx_jax.data import images as img
+from mmx_jax import data as img
 from mmx_jax.train.sharding import process_batch_slice
 from mmx_jax.train.tasks.base import Task
 
@@ -173,10 +173,16 @@ class ClassificationTask(Task):
             stream = img.array_batches(self.sources["train"], batch_size=local, train=True,
                                        seed=seed, num_epochs=None, start_step=start_step)
         else:
-            transform = img.DeitTrainTransform(
-                size=d.image_size, randaugment_ops=d.randaugment_ops,
-                randaugment_magnitude=d.randaugment_magnitude, erasing_prob=d.erasing_prob,
-                flip_prob=0.5 if d.get("flip", True) else 0.0)
+            flip_prob = 0.5 if d.get("flip", True) else 0.0
+            if d.crop_padding >= 0:  # the small-image recipe, per example
+                transform = img.SmallImageTrainTransform(
+                    padding=d.crop_padding, flip_prob=flip_prob,
+                    cutout_size=d.get("cutout_size", 0))
+            else:  # DeiT/Swin's
+                transform = img.DeitTrainTransform(
+                    size=d.image_size, randaugment_ops=d.randaugment_ops,
+                    randaugment_magnitude=d.randaugment_magnitude,
+                    erasing_prob=d.erasing_prob, flip_prob=flip_prob)
             loader = img.ImageLoader(self.sources["train"], batch_size=local, train=True,
                                      seed=seed, transform=transform, num_epochs=None,
                                      worker_count=d.workers)

@@ -1,4 +1,4 @@
-"""Image input pipeline: sources, augmentations and the batch loaders (no TensorFlow).
+"""Image batch loaders (no TensorFlow): the sampling plan, the grain loader, the in-memory path.
 
 Two paths, one sampling plan (`EpochPlan`: a per-epoch permutation from the seed, split across
 processes, cut into batches):
@@ -31,9 +31,9 @@ Typical use::
     arrays = decode_to_arrays(train)                              # fast path, cached .npz
     for batch in array_batches(arrays, batch_size=512, train=True, seed=0): ...
 
-Augmentations: `DeitTrainTransform`, `EvalTransform`, `SmallImageTrainTransform` (per example,
-NumPy/PIL) and `mixup_cutmix`, `smooth_labels`, `random_crop_flip`, `cutout`, `normalize`
-(batch, jittable JAX).
+Sources are in `image_sources`, the cache of decoded splits in `decode_cache`, the per-example
+augmentations in `augment` and the batch-level ones in `batch_augment`; `mmx_jax.data` exports
+them all.
 """
 
 from __future__ import annotations
@@ -48,57 +48,11 @@ import numpy as np
 if TYPE_CHECKING:
     import grain
 
-from mmx_jax.data.augment import (
-    DeitTrainTransform,
-    EvalTransform,
-    SmallImageTrainTransform,
-    example_rng,
-    rand_augment,
-    random_erasing,
-    random_resized_crop,
-)
-from mmx_jax.data.batch_augment import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    cutout,
-    mixup_cutmix,
-    normalize,
-    random_crop_flip,
-    smooth_labels,
-)
-from mmx_jax.data.image_sources import (
-    FASHION_MNIST_CLASSES,
-    CorruptImageError,
-    FolderSource,
-    IdxSource,
-    ImageArrays,
-    ImageSource,
-    TfdsSource,
-    decode_image,
-    decode_to_arrays,
-    default_cache_dir,
-    extract_archive,
-    open_image_source,
-    read_idx,
-    resize,
-)
+from mmx_jax.data.augment import EvalTransform, example_rng
+from mmx_jax.data.decode_cache import ImageArrays, resize
+from mmx_jax.data.image_sources import ImageSource
 
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
-
-__all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
-    "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CorruptImageError",
-    "DeitTrainTransform", "EpochPlan", "EvalTransform", "FolderSource", "IdxSource",
-    "ImageArrays", "ImageLoader", "ImageSource", "SmallImageTrainTransform", "TfdsSource",
-    "Transform", "array_batches", "cutout", "decode_image", "decode_to_arrays", "eval_view",
-    "default_cache_dir", "example_rng", "extract_archive", "mixup_cutmix", "normalize",
-    "open_image_source", "rand_augment", "random_crop_flip", "random_erasing",
-    "random_resized_crop", "read_idx", "resize", "smooth_labels",
-]
 
 
 def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
