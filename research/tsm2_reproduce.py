@@ -55,8 +55,8 @@ SEARCH_GRID = {
     "d64_lr1e-3": {"model.d_model": 64, "optimizer.lr": 1e-3, "model.dropout": 0.2},
     "d32_lr5e-4": {"model.d_model": 32, "optimizer.lr": 5e-4, "model.dropout": 0.3},
 }
-# The two ETTh sets (8640 training rows) got extra, smaller and slower-learning candidates after
-# both candidates above reached their best validation MSE at the end of the first epoch there.
+# Smaller and slower-learning candidates for the ETT sets, where both above peak within the
+# first epochs (results/tsm2.md, Protocol).
 SMALL_GRID = {
     "d16_l1_n4": {"model.d_model": 16, "model.num_layers": 1, "model.state_dim": 4,
                   "model.dropout": 0.1, "optimizer.lr": 1e-3, "data.batch_size": 32,
@@ -66,8 +66,6 @@ SMALL_GRID = {
     "d32_l1_lr1e-4": {"model.d_model": 32, "model.num_layers": 1, "model.dropout": 0.3,
                       "optimizer.lr": 1e-4, "train.num_epochs": 10},
 }
-# The two ETTm sets (34560 training rows) got them too, on 2026-11-24, after both candidates
-# above reached their best validation MSE within two epochs at every horizon but one there.
 SMALL_DATASETS = ("etth1", "etth2", "ettm1", "ettm2")
 
 
@@ -76,40 +74,17 @@ def grid_for(dataset: str) -> dict[str, dict]:
     return {**SEARCH_GRID, **(SMALL_GRID if dataset in SMALL_DATASETS else {})}
 
 
-# Stage 2 of the search (added on 2026-11-24, after a CPU validation look at ETTh1 H=96 where
-# both options together lowered the validation MSE by 1.9 %): the candidate chosen by stage 1
-# at a (data set, horizon), again at seed 0 with each of these model options. The lowest
-# validation MSE over all stages wins. Its runs are named "<stage-1 choice>+<option>".
-#
-# Stage 3 (added on 2026-11-24, before any of its runs), as a second option: after the
-# closed-form linear map (research/linear_baseline.py) matched the paper's ETT numbers, and
-# TSM2 without its mixer layers beat TSM2 on ETTh1 H=96 validation (0.660 against 0.699):
-# every residual branch starts as the identity (LayerScale 0) and the mixer layers learn at a
-# tenth of the learning rate, so training starts from the model's linear part.
-#
-# Stage 4 (added on 2026-11-24, before any of its runs), a third option: stage 3 without
-# dropout and at lr 1e-3 (the mixers still at a tenth of it). On the CPU, TSM2 without mixer
-# layers, trained as ETTh1's stage-1 choices are (dropout 0.3, lr 1e-4), was still improving
-# after 10 epochs (H=336, validation MSE 1.224); without dropout at lr 1e-3 it reached 1.148,
-# under the closed-form linear map's 1.161 and stage 3's 1.221. With the mixers (ETTh1 H=96,
-# d16_l1_n4+ls0_mlr) dropout 0 at lr 1e-3 gave 0.662 against 0.666, at lr 3e-3 0.692.
-#
-# Stage 5 (added on 2026-11-30, before any of its runs), a fourth option: stage 4 with the
-# mixer layers at a hundredth of the learning rate instead of a tenth (1e-5 at lr 1e-3), so
-# that the model stays near its linear part for the whole run. CPU looks (ETTh1, seed 0,
-# validation MSE; results/tsm2.md, "Where we miss"): TSM2 without mixer layers, trained as
-# stage 4 (patience 3), gets worse after the 1st epoch and better again later, to 1.148 at
-# H=336 (4th epoch) and 1.417 at H=720 (10th); the stage-4 runs, with their mixers, stopped
-# after the 4th epoch with the 1st one's 1.184 and 1.462. With the mixers at 0.01 x, TSM2 at
-# H=336 followed the mixer-free model (epochs 1-4: 1.1841, 1.2289, 1.2200, 1.1475 against
-# 1.1835, 1.2270, 1.2243, 1.1482).
-#
-# Stage 7 (added on 2026-12-01, before its runs outside ETTh), a fifth option: stage 5 with
-# weight decay 0.1 instead of 1e-4. A look on the GPU (`look`, ETTh1 and ETTh2, seed 0,
-# validation MSE only) put six options on top of stage 5: weight decay 0.1 lowered the
-# validation MSE at all 8 pairs (mean -0.26 %, at least -0.01 %); weight decay 1 (-0.10 %,
-# 6 of 8), lr 3e-4 for 20 epochs (-0.11 %, 4 of 8), the TSLib schedule (+0.17 %), 20 epochs
-# (+0.64 %) and td2_ra (+2.7 %) did less. Its ETTh runs are those of the look.
+# Stages 2 to 5 and 7: the stage-1 choice of a (data set, horizon) again at seed 0 with one
+# of these options; the lowest validation MSE over all stages wins, and a run is named
+# "<stage-1 choice>+<option>". What each option does and the validation looks that led to it
+# are in results/tsm2.md (Protocol):
+#   td2_ra                        two time directions and a learned RevIN affine (stage 2)
+#   ls0_mlr                       residual branches start as the identity (LayerScale 0), the
+#                                 mixer layers at 0.1 x the lr: training starts from the
+#                                 model's linear part (stage 3)
+#   ls0_mlr_d0_lr1e-3             stage 3 without dropout, at lr 1e-3 (stage 4)
+#   ls0_mlr001_d0_lr1e-3          stage 4 with the mixers at 0.01 x the lr (stage 5)
+#   ls0_mlr001_d0_lr1e-3_wd1e-1   stage 5 with weight decay 0.1 (stage 7)
 _LS0_MLR = {"model.layer_scale": 0.0, "optimizer.lr_scale_rules": ((MIXER_PARAMS, 0.1),)}
 _D0_LR1E3 = {"model.dropout": 0.0, "optimizer.lr": 1e-3}
 _STAGE5 = {**_LS0_MLR, **_D0_LR1E3, "optimizer.lr_scale_rules": ((MIXER_PARAMS, 0.01),)}
@@ -135,14 +110,10 @@ def stage1_choice(dataset: str, found: dict[str, dict]) -> str | None:
     return choose([found[n] for n in grid_for(dataset)])
 
 
-# Stage 6 (added on 2026-11-30, after every test number of the table had been seen; it reads
-# validation MSE only): the re-seed check. A choice made on one seed's validation MSE is only
-# as good as that number is repeatable. Where the chosen candidate's seeds 1 and 2 (its final
-# runs) have a mean validation MSE more than RESEED_TOLERANCE away from its seed-0 value, the
-# seed-0 search did not tell the candidates apart: every candidate of that (data set, horizon)
-# then gets seeds 1 and 2 too, and the lowest validation MSE averaged over seeds 0-2 is
-# chosen. In the runs of the table it fires at Exchange 336 (+39 %) and 720 (+45 %) only; every
-# other chosen candidate's seeds are within 3 % of its seed 0.
+# Stage 6, the re-seed check (validation MSE only; results/tsm2.md, Protocol): where the
+# chosen candidate's seeds 1 and 2 have a mean validation MSE more than RESEED_TOLERANCE away
+# from its seed 0, every candidate of that (data set, horizon) gets seeds 1 and 2 too, and the
+# lowest validation MSE averaged over seeds 0-2 is chosen.
 RESEED_TOLERANCE = 0.10
 
 
