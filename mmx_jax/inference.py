@@ -207,36 +207,19 @@ class Forecaster:
     def plot(self, path, frame, forecast, *, end=None, history: int | None = None):
         """Saves a PNG of the last `history` input rows (default 2 x pred_len) and the
         forecast, one panel per output (the target first, at most four)."""
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
         import pandas as pd  # noqa: PLC0415
+
+        from mmx_jax.train.plots import plot_future  # noqa: PLC0415
 
         dates, values = self._window(frame, end, "the input")
         history = min(history or 2 * self.pred_len, self.seq_len)
         target = self.card.get("target")
         shown = sorted(self.output_columns, key=lambda c: c != target)[:4]
-        fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.2 * len(shown)), squeeze=False,
-                                 sharex=True)
         past = pd.to_datetime(dates[-history:])
-        for ax, name in zip(axes[:, 0], shown, strict=True):
-            ax.plot(past, values[-history:, self.columns.index(name)], color="0.4", lw=1,
-                    label="history")
-            ax.plot(pd.to_datetime(forecast["date"]), forecast[name], color="tab:red", lw=1.4,
-                    label="forecast")
-            ax.axvline(past[-1], color="0.8", lw=0.8)
-            ax.set_title(name, fontsize=9)
-            ax.tick_params(labelsize=7)
-        axes[0, 0].legend(fontsize=7, loc="upper left")
-        fig.suptitle(f"forecast of the next {self.pred_len} steps from {past[-1]}", fontsize=9)
-        fig.autofmt_xdate()
-        fig.tight_layout()
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        return path
+        return plot_future(
+            path, past, values[-history:][:, [self.columns.index(c) for c in shown]],
+            pd.to_datetime(forecast["date"]), forecast[shown].to_numpy(), names=shown,
+            title=f"forecast of the next {self.pred_len} steps from {past[-1]}")
 
 
 # -- classification -------------------------------------------------------------------------------
