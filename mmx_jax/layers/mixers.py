@@ -19,7 +19,7 @@ from flax import nnx
 
 from mmx_jax.layers.conv import DepthwiseConv2D
 from mmx_jax.layers.s6 import S6
-from mmx_jax.layers.scans import CROSS_SCAN, scan_map, unscan_map
+from mmx_jax.ssm.scan_orders import CROSS_SCAN, scan_map, unscan_map
 
 
 def causal_depthwise_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:

@@ -41,7 +41,7 @@ from flax import nnx
 from mmx_jax.layers.conv import DepthwiseConv2D
 from mmx_jax.layers.mixers import _GatedSelectiveMixer, shift_right
 from mmx_jax.layers.s6 import S6
-from mmx_jax.layers.scans import ALL_ORDERS, apply_scans, scan_orders, undo_scans
+from mmx_jax.ssm.scan_orders import ALL_ORDERS, apply_scans, scan_orders, undo_scans
 
 
 class ScanGate(nnx.Module):
