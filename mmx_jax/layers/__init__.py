@@ -11,6 +11,7 @@ from mmx_jax.layers.averaging import (
 )
 from mmx_jax.layers.conv import DepthwiseConv2D, depthwise_conv2d
 from mmx_jax.layers.mixers import (
+    SCAN_LAYOUTS,
     ChannelGroupMixer,
     CrossScanTokenMixer,
     SelectiveChannelMixer,
@@ -35,6 +36,7 @@ from mmx_jax.ssm.scan_orders import (
 __all__ = [
     "ALL_ORDERS",
     "CROSS_SCAN",
+    "SCAN_LAYOUTS",
     "AveragingWeights",
     "ChannelGroupMixer",
     "CrossScanTokenMixer",

@@ -118,27 +118,44 @@ class SelectiveTokenMixer(_GatedSelectiveMixer):
         return y.reshape(*lead, length, e)
 
 
+#: How the 2-D mixers run their scans: "walks" (`S6.walk_map`: `selective_scan_2d` on the map
+#: in place) or "permuted" (the map permuted into each scan order, the 1-D scan, and back).
+SCAN_LAYOUTS = ("walks", "permuted")
+
+
+def check_scan_layout(owner: str, scan_layout: str) -> str:
+    if scan_layout not in SCAN_LAYOUTS:
+        raise ValueError(f"{owner}: scan_layout={scan_layout!r}, wanted one of {SCAN_LAYOUTS}")
+    return scan_layout
+
+
 class CrossScanTokenMixer(_GatedSelectiveMixer):
     """Selective mixing of a 2-D map (B, H, W, D) along several scan orders (SPEC section 7).
 
     A depthwise 3x3 conv on the map, then the K scans (default: VMamba's cross-scan: row-major,
     column-major and both reversed) each with their own S6 parameters, in one scan call; the
-    outputs are put back in row-major order and summed.
+    outputs are put back in row-major order and summed. `scan_layout` (`SCAN_LAYOUTS`) picks
+    how: the walks read in place ("walks", the default) or a permuted copy per scan
+    ("permuted"); both compute the same.
     """
 
     def __init__(self, dim: int, *, expand: int = 2, state_dim: int = 16,
                  scans: Sequence[str] = CROSS_SCAN, conv_size: int = 3,
-                 dt_rank: int | str = "auto", impl: str = "auto", dtype=None,
-                 rngs: nnx.Rngs):
+                 dt_rank: int | str = "auto", impl: str = "auto", scan_layout: str = "walks",
+                 dtype=None, rngs: nnx.Rngs):
         super().__init__(dim, expand=expand, dtype=dtype, rngs=rngs)
         self.scans = tuple(scans)
+        self.scan_layout = check_scan_layout(type(self).__name__, scan_layout)
         self.conv = DepthwiseConv2D(self.inner, (conv_size, conv_size), dtype=dtype, rngs=rngs)
         self.s6 = S6(self.inner, num_directions=len(self.scans), state_dim=state_dim,
                      dt_rank=dt_rank, model_dim=dim, impl=impl, dtype=dtype, rngs=rngs)
 
     def mix(self, u: jax.Array) -> jax.Array:
         b, h, w, e = u.shape
-        y = unscan_map(self.s6(scan_map(jax.nn.silu(self.conv(u)), self.scans)), self.scans, h, w)
+        u = jax.nn.silu(self.conv(u))
+        if self.scan_layout == "walks":
+            return self.s6.walk_map(u, walks=self.scans)
+        y = unscan_map(self.s6(scan_map(u, self.scans)), self.scans, h, w)
         return y.sum(axis=2).reshape(b, h, w, e)
 
 
