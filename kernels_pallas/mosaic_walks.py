@@ -47,6 +47,7 @@ from kernels_pallas.scan_vjp import (
     split_refs,
     step_size,
     sum_over_walks,
+    unreturned_final_state,
 )
 from kernels_pallas.walks import walk_position
 
@@ -227,7 +228,7 @@ def _prepare(args: Normalised, d: _Dims):
 
 
 def forward(opts: Options, args: Normalised, residual: bool = True):
-    """Returns y (summed over walks, or per walk: `scan_vjp.reduce_walks`), a placeholder
+    """Returns y (summed over walks, or per walk: `scan_vjp.reduce_walks`), zeros for the
     final state (walks return none) and the checkpoints (None without `residual`)."""
     cfg: MosaicConfig = opts.backend_config
     d = _dims(args, cfg)
@@ -249,7 +250,7 @@ def forward(opts: Options, args: Normalised, residual: bool = True):
         compiler_params=_compiler_params(d, cfg), interpret=opts.interpret,
         name="selective_scan_fwd_walks",
     )(*(x for x in ins if x is not None))
-    h_last = jnp.zeros((b, k * e, n), jnp.float32)  # the custom_vjp's second output, unused
+    h_last = unreturned_final_state(b, k * e, n)
     return reduce_walks(y, args, opts.walks), h_last, ck[0] if ck else None
 
 

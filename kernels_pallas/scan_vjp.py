@@ -172,6 +172,14 @@ def normalise_walks(u, delta, A, B, C, D, z, delta_bias, walk_codes, weights
     return args, (h, w, k)
 
 
+def unreturned_final_state(batch: int, channels: int, state: int):
+    """The final state a forward returns when the caller did not ask for it
+    (`Options.has_dh_last` False): zeros, which XLA drops with the unused output, so the
+    kernels need not write (batch, E, N) states that nobody reads (for the vision channel
+    mixers, whose batch is batch x tokens, that was more than their output)."""
+    return jnp.zeros((batch, channels, state), jnp.float32)
+
+
 def reduce_walks(y, args: Normalised, walks: Walks):
     """The kernels' per-walk outputs (b, L, K*E) -> what the caller asked for: the (weighted)
     sum over walks (b, L, E) in u's dtype, or every walk's (b, L, K*E) unchanged."""

@@ -74,6 +74,7 @@ from kernels_pallas.scan_vjp import (
     split_refs,
     step_size,
     sum_over_walks,
+    unreturned_final_state,
 )
 from kernels_pallas.walks import walk_position
 
@@ -540,7 +541,8 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     refs, outs = split_refs(refs, flags)
     (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, hloc_ref, sdt_ref,
      codes_ref) = refs
-    y_ref, hlast_ref, *ck_ref = outs  # no checkpoints for a forward alone
+    # The final state only when it is returned; no checkpoints for a forward alone.
+    (y_ref, hlast_ref), ck_ref = split_refs(outs, (True, opts.has_dh_last))
     ck_ref = ck_ref[0] if ck_ref else None
     p = _Program(d, opts.reverse, walks=walks, codes_ref=codes_ref)
     fast = cfg.fast_exp2 and not interpret
@@ -601,7 +603,8 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
 
     rows = load(p.k0 * per_interval) if cfg.prefetch else None
     h, _ = jax.lax.fori_loop(p.k0, p.k_end, interval, (h, rows))
-    p.put_tile(hlast_ref, h, p.bi, when=p.is_last)
+    if hlast_ref is not None:
+        p.put_tile(hlast_ref, h, p.bi, when=p.is_last)
 
 
 def _fwd_summaries(opts: Options, args: Normalised, d: _Dims, a2t):
@@ -628,9 +631,10 @@ def _segment_starts(d: _Dims, a2t, h0t, h_loc, sum_dt):
 
 
 def forward(opts: Options, args: Normalised, residual: bool = True):
-    """Returns y (b, L, E) in u's dtype, the final state (b, E, N) float32 and the residual
-    (checkpoints (b, L/K, N, E) float32). Without `residual` (a forward alone) no checkpoints
-    are written (None is returned), and the time splits are `fwd_only_time_splits`'."""
+    """Returns y (b, L, E) in u's dtype, the final state (b, E, N) float32 (zeros, not written,
+    unless `opts.has_dh_last`) and the residual (checkpoints (b, L/K, N, E) float32). Without
+    `residual` (a forward alone) no checkpoints are written (None is returned), and the time
+    splits are `fwd_only_time_splits`'."""
     cfg: TritonConfig = opts.backend_config
     d = _dims(args, cfg.block_e, cfg, forward_only=not residual)
     b, length, e = args.delta.shape
@@ -644,15 +648,18 @@ def forward(opts: Options, args: Normalised, residual: bool = True):
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
                        args.delta_bias, h0t, *summaries, args.walk_codes) if x is not None]
     f32 = jnp.float32
-    out_shape = (jax.ShapeDtypeStruct((b, length, e), args.u.dtype),
-                 jax.ShapeDtypeStruct((b, d.state, e), f32))
+    out_shape = (jax.ShapeDtypeStruct((b, length, e), args.u.dtype),)
+    if opts.has_dh_last:
+        out_shape += (jax.ShapeDtypeStruct((b, d.state, e), f32),)
     if residual:
         out_shape += (jax.ShapeDtypeStruct((b, d.n_intervals, d.state, e), f32),)
-    y, hlast_t, *ck = _call(_fwd_kernel, d, opts, out_shape, d.time_splits, cfg.fwd_warps,
-                            _name("selective_scan_fwd", opts))(*ins)
+    y, *outs = _call(_fwd_kernel, d, opts, out_shape, d.time_splits, cfg.fwd_warps,
+                     _name("selective_scan_fwd", opts))(*ins)
+    h_last = (jnp.swapaxes(outs.pop(0), 1, 2) if opts.has_dh_last
+              else unreturned_final_state(b, e, d.state))
     if opts.walks is not None:
         y = reduce_walks(y, args, opts.walks)
-    return y, jnp.swapaxes(hlast_t, 1, 2), ck[0] if ck else None
+    return y, h_last, outs[0] if outs else None
 
 
 # ---------------------------------------------------------------------------------------------
