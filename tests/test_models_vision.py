@@ -337,15 +337,21 @@ MIXERS = {
     "switch_one_directional": lambda layout, **kw: SwitchOfScansTokenMixer(
         8, state_dim=3, top_k=2, quasi_separable=False, scan_layout=layout,
         rngs=nnx.Rngs(2), **kw),
+    # QS along 5 channel groups of 4 features (ViQS's channel mixer)
+    "channel_groups_qs": lambda layout, **kw: ChannelGroupMixer(
+        10, group_size=4, state_dim=3, quasi_separable=True, scan_layout=layout,
+        rngs=nnx.Rngs(3), **kw),
 }
+#: Their inputs: odd maps with H != W (the gate's choice differing between samples), and
+#: (batch, tokens, channels) for the channel mixer.
+MIXER_INPUTS = {"channel_groups_qs": (2, 7, 10)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mixer", list(MIXERS))
 def test_scan_layouts_agree_in_the_mixers(rng, mixer):
-    """An odd map with H != W, the gate's choice differing between samples."""
     assert_layouts_agree(lambda layout: MIXERS[mixer](layout, impl="sequential"),
-                         normal(rng, 2, 5, 7, 8))
+                         normal(rng, *MIXER_INPUTS.get(mixer, (2, 5, 7, 8))))
 
 
 @pytest.mark.slow
@@ -358,13 +364,13 @@ def test_scan_layouts_give_the_same_model(rng, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mixer", ["cross_scan", "switch_qs"])
+@pytest.mark.parametrize("mixer", ["cross_scan", "switch_qs", "channel_groups_qs"])
 def test_walk_kernels_in_the_mixers(rng, mixer):
     """The mixers on the Pallas walk kernels (interpret mode) against the permuted layout path
     on the sequential scan: outputs and parameter gradients."""
     walks = MIXERS[mixer]("walks", impl="pallas")
     permuted = MIXERS[mixer]("permuted", impl="sequential")
-    x = normal(rng, 2, 3, 4, 8)
+    x = normal(rng, *{"channel_groups_qs": (2, 3, 10)}.get(mixer, (2, 3, 4, 8)))
     (y, grads), (y_ref, grads_ref) = output_and_grads(walks, x), output_and_grads(permuted, x)
     assert_same(y, y_ref, 2e-5)
     assert_same_grads(grads, grads_ref, 1e-4, 1e-6)

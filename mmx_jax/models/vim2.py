@@ -168,7 +168,8 @@ class ViM2(nnx.Module):
       scan_impl: `selective_scan` implementation of every S6.
       scan_layout: how the token mixers scan the 2-D map (`layers.SCAN_LAYOUTS`): "walks" (the
         map read in place by the walks, `selective_scan_2d`) or "permuted" (a permuted copy
-        per scan order and the 1-D scan). The same model either way: the choice is speed.
+        per scan order and the 1-D scan); likewise the quasi-separable channel mixers' two
+        directions. The same model either way: the choice is speed.
       dtype: compute dtype (e.g. bfloat16); parameters stay float32, logits are float32.
 
     Parameter budget (our choice of the details the paper leaves open): with these depths the
@@ -216,7 +217,7 @@ class ViM2(nnx.Module):
                                  expand=channel_expand, state_dim=channel_state_dim,
                                  conv_width=channel_conv_width,
                                  quasi_separable=quasi_separable_channels, impl=scan_impl,
-                                 dtype=dtype)
+                                 scan_layout=scan_layout, dtype=dtype)
 
         self.stem = Stem(in_channels, widths[0], stride=stem_stride, kind=stem, norm=norm,
                          dtype=dtype, rngs=rngs)
