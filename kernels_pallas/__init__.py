@@ -12,7 +12,7 @@ Pallas interpret mode (slow; for tests).
 the map and the per-walk arrays where they lie and writing each walk's output back to the
 map positions, with no permuted copy of the map:
 
-    u, z : (batch, H, W, E)       delta : (batch, H, W, K, E)      B, C : (batch, H, W, K, N)
+    u, z : (batch, H, W, E)       delta : (K, batch, H, W, E)      B, C : (batch, H, W, K, N)
     A : (K, E, N)                 D, delta_bias : (K, E)            walk codes : (1 or batch, K)
 """
 
@@ -110,17 +110,17 @@ def selective_scan_walks(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     Args:
       u: (batch, H, W, E) the map, read by every walk.  z: optional (batch, H, W, E) gate,
         each walk's output *= silu(z) at the step's own position (before the shift).
-      delta: (batch, H, W, K, E) each walk's step size at each position.
+      delta: (K, batch, H, W, E) each walk's step size at each position.
       A: (K, E, N).  B, C: (batch, H, W, K, N).  D, delta_bias: optional (K, E).
       delta_softplus: delta <- softplus(delta + delta_bias).
       walk_codes: int (1, K) walks shared by the batch, or (batch, K) per sample.
       shift: QS's shift of every walk's output by one step.
       summed: return the sum over walks (batch, H, W, E), weighted by `weights` (batch, K)
-        when given; else every walk's output (batch, H, W, K, E).
+        when given; else every walk's output (K, batch, H, W, E).
       backend, interpret, config: as `selective_scan`.
 
     Returns:
-      (batch, H, W, E) or (batch, H, W, K, E) in u's dtype.
+      (batch, H, W, E) or (K, batch, H, W, E) in u's dtype.
     """
     if weights is not None and not summed:
         raise ValueError("kernels_pallas.selective_scan_walks: weights weigh the sum over "
@@ -136,8 +136,7 @@ def selective_scan_walks(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         backend_config=config if config is not None else _DEFAULT_CONFIGS[backend](),
         interpret=interpret, walks=walks)
     y, _ = _WALK_SCANS[backend](opts, args)
-    e = u.shape[-1]
-    return y.reshape(u.shape if summed else (*u.shape[:3], k, e))
+    return y.reshape(u.shape if summed else (k, *u.shape))
 
 
 def unsupported_reason(platform: str, *, batch: int, length: int, channels: int, state: int,

@@ -4,7 +4,7 @@ Mosaic, forward and backward.
 Grid (batch, walk slot, channel blocks), every point independent. A grid point owns
 `block_e` channels of one walk of one sample and holds the whole map of those channels in
 VMEM, in the map's own layout: u (and z) (L, block_e) of the shared (b, L, E) map, its walk's
-delta (L, block_e) out of the (b, L, K*E) array, and B and C of every walk (L, K*N) (a free
+delta (L, block_e) out of the (K, b, L, E) array, and B and C of every walk (L, K*N) (a free
 reshape of (b, L, K, N)). The walk code (and the sum's weight) of the point come from SMEM.
 It walks the L steps, computing each step's map position by index arithmetic
 (`walks.walk_position`), and reads and writes rows at that position (a dynamic sublane
@@ -12,7 +12,7 @@ offset, as the 1-D kernel's rows). Its walk's B_t and C_t are picked out of the 
 as an (N, 1) column with a lane mask and a lane reduction; dB and dC rows go back through
 the same kind of mask (an (N, N) diagonal), so no array is transposed.
 
-Forward: writes each walk's output (b, L, K*E) at its positions (with `shift` at the next
+Forward: writes each walk's output (K, b, L, E) at its positions (with `shift` at the next
 step's), and the state every `chunk` steps (the backward's checkpoints; `chunk` is the largest
 divisor of L up to `MosaicConfig.block_t`, so every chunk is whole and no step is masked).
 Backward: visits the chunks from last to first, recomputes a chunk's states into a VMEM
@@ -20,10 +20,9 @@ buffer from its checkpoint and walks them back with the adjoint (the 1-D kernel'
 recurrences). du and dz per walk, and the dB and dC rows per (walk, channel block), are
 summed in JAX, as are the per-point accumulators of dA, dD, d delta_bias and the weights.
 
-A TPU block's last dimension must be a multiple of 128 lanes or the whole array dimension,
-so a walk's channel block of the (b, L, K*E) arrays needs E to be a multiple of `block_e`
-(128) when K > 1 (`unsupported_reason`); interpret mode takes any width. The whole map of a
-block must fit VMEM (`vmem_bytes`).
+A TPU block's last dimension must be a multiple of 128 lanes or the whole array dimension:
+the channel block is 128 channels when E is a multiple of 128, else all E (ViM2-T's first
+stage: 192). The whole map of a block must fit VMEM (`vmem_bytes`, `unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -118,15 +117,20 @@ class _Point:
         return self.position(jnp.minimum(s + 1, self.d.length - 1)), s + 1 < self.d.length
 
     @staticmethod
+    def _at(ref, pos):
+        """Index of the row at map position pos of a block (1, ..., L, width)."""
+        return (*(0,) * (len(ref.shape) - 2), pl.ds(pos, 1), slice(None))
+
+    @staticmethod
     def row(ref, pos):
-        """(1, block_e) float32 row of an (1, L, block_e) block at map position pos."""
-        return ref[0, pl.ds(pos, 1), :].astype(jnp.float32)
+        """(1, block_e) float32 row at map position pos of a (1, L, block_e) or
+        (1, 1, L, block_e) block."""
+        return ref[_Point._at(ref, pos)].astype(jnp.float32)
 
     @staticmethod
     def put(ref, pos, x, when=None):
         def store():
-            ref[(*(0,) * (len(ref.shape) - 2), pl.ds(pos, 1), slice(None))] = x.astype(
-                ref.dtype)
+            ref[_Point._at(ref, pos)] = x.astype(ref.dtype)
 
         if when is None:
             store()
@@ -183,7 +187,7 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options):
 class _Specs(NamedTuple):
     table: pl.BlockSpec  # whole small arrays in SMEM (walk codes, weights)
     shared: pl.BlockSpec  # (b, L, E) map rows: u, z (and dy when summed)
-    walk: pl.BlockSpec  # (b, L, K*E) per-walk rows: delta, y, du, ddelta, dz
+    walk: pl.BlockSpec  # (K, b, L, E) per-walk rows: delta, y, du, ddelta, dz
     bc: pl.BlockSpec  # (b, L, K*N): B and C of every walk
     chan: pl.BlockSpec  # (K, N, E): A
     vec: pl.BlockSpec  # (K, 1, E): D, delta_bias
@@ -199,7 +203,7 @@ def _specs(d: _Dims) -> _Specs:
     return _Specs(
         table=pl.BlockSpec(memory_space=pltpu.SMEM),
         shared=pl.BlockSpec((1, length, be), lambda b, k, e: (b, 0, e)),
-        walk=pl.BlockSpec((1, length, be), lambda b, k, e: (b, 0, k * ne + e)),
+        walk=pl.BlockSpec((1, 1, length, be), lambda b, k, e: (k, b, 0, e)),
         bc=pl.BlockSpec((1, length, d.walks * n), lambda b, k, e: (b, 0, 0)),
         chan=pl.BlockSpec((1, n, be), lambda b, k, e: (k, 0, e)),
         vec=pl.BlockSpec((1, 1, be), lambda b, k, e: (k, 0, e)),
@@ -238,7 +242,7 @@ def forward(opts: Options, args: Normalised, residual: bool = True):
     specs = (sp.table, sp.shared, sp.walk, sp.chan, sp.bc, sp.bc, sp.vec, sp.shared, sp.vec)
     in_specs = [s for s, x in zip(specs, ins, strict=True) if x is not None]
     b, k, e, n = d.batch, d.walks, d.width, d.state
-    out_shape = (jax.ShapeDtypeStruct((b, d.length, k * e), args.u.dtype),)
+    out_shape = (jax.ShapeDtypeStruct(args.delta.shape, args.u.dtype),)
     out_specs = (sp.walk,)
     if residual:
         out_shape += (jax.ShapeDtypeStruct((b, k * d.n_e, d.n_chunks, n, d.block_e),
@@ -365,7 +369,7 @@ def backward(opts: Options, args: Normalised, checkpoints, dy, dh_last) -> Grads
     in_specs = [s for s, x in zip(specs, ins, strict=True) if x is not None]
     f32 = jnp.float32
     sds = jax.ShapeDtypeStruct
-    per_walk = (b, length, k * e)
+    per_walk = args.delta.shape  # (K, b, L, E)
     out_shape = [sds(per_walk, args.u.dtype), sds(per_walk, args.delta.dtype)]
     out_specs = [sp.walk, sp.walk]
     if args.z is not None:
@@ -386,8 +390,8 @@ def backward(opts: Options, args: Normalised, checkpoints, dy, dh_last) -> Grads
         compiler_params=_compiler_params(d, cfg), interpret=opts.interpret,
         name="selective_scan_bwd_walks",
     )(*(x for x in ins if x is not None)))
-    du, ddelta = sum_over_walks(outs.pop(0), args), outs.pop(0)
-    dz = sum_over_walks(outs.pop(0), args) if args.z is not None else None
+    du, ddelta = sum_over_walks(outs.pop(0)), outs.pop(0)
+    dz = sum_over_walks(outs.pop(0)) if args.z is not None else None
 
     def bc_rows(x):  # (b, K*n_e, L, N) -> (b, L, K, N)
         return jnp.transpose(x.reshape(b, k, ne, length, n).sum(2), (0, 2, 1, 3))
@@ -411,9 +415,6 @@ def unsupported_reason(batch: int, height: int, width: int, channels: int, walks
     """None when the compiled Mosaic walk kernels handle this shape, else why not."""
     del batch
     cfg = MosaicConfig()
-    if walks > 1 and channels % cfg.block_e:
-        return (f"E={channels} is not a multiple of {cfg.block_e}: a walk's channel block of "
-                "the (b, L, K*E) arrays would not be a whole number of lanes")
     block_e = cfg.block_e if channels % cfg.block_e == 0 else channels
     need = vmem_bytes(height * width, walks, state, block_e, cfg.block_t)
     if need > VMEM_BUDGET:

@@ -11,8 +11,9 @@ every input (u, delta, A, B, C, D, z, delta_bias, initial_state), with the cotan
 final state taken into account when the final state is returned.
 
 The same pair scans the walks of a 2-D map (`Walks`, `normalise_walks`): u and z are then the
-map (b, H*W, E), shared by K walks whose per-walk arrays (delta, B, C, A, D, delta_bias) sit
-on the channel axis as K groups of E channels, in the map's own row-major positions.
+map (b, H*W, E), shared by K walks, each with its own delta (K, b, H*W, E) and B, C
+(b, H*W, K, N) at the map's own row-major positions; A, D and delta_bias sit on the channel
+axis as K groups of E channels.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ class Normalised(NamedTuple):
     A: (E, N) float32.   B, C: (b, L, G, N) in their own dtypes.
     D, delta_bias: (E,) float32 or None.   h0: (b, E, N) float32 or None.
 
-    Walks of a map (`Options.walks`): u and z are (b, L, E_map) and every other per-channel
-    array has E = K * E_map channels, K groups of one walk each; walk_codes is the int32
-    walk table (1 or b, K) and weights the float32 (b, K) weights of the sum, or None.
+    Walks of a map (`Options.walks`): u and z are the map (b, L, E) that every walk reads,
+    delta is (K, b, L, E) (and so are the per-walk outputs and their gradients), B and C are
+    (b, L, K, N) (the walks as K groups), A is (K*E, N) and D, delta_bias are (K*E,);
+    walk_codes is the int32 walk table (1 or b, K) and weights the float32 (b, K) weights of
+    the sum, or None.
     """
 
     u: jax.Array
@@ -133,7 +136,7 @@ def normalise_walks(u, delta, A, B, C, D, z, delta_bias, walk_codes, weights
     """Checks the map-layout arguments of a walk scan and flattens them (free reshapes) into
     the layout of `Normalised`; returns it and (H, W, K).
 
-    u, z: (b, H, W, E).  delta: (b, H, W, K, E).  A: (K, E, N).  B, C: (b, H, W, K, N).
+    u, z: (b, H, W, E).  delta: (K, b, H, W, E).  A: (K, E, N).  B, C: (b, H, W, K, N).
     D, delta_bias: (K, E).  walk_codes: int (1 or b, K).  weights: (b, K) or None.
     """
     def error(name, got, wanted):
@@ -143,9 +146,9 @@ def normalise_walks(u, delta, A, B, C, D, z, delta_bias, walk_codes, weights
     if jnp.ndim(u) != 4:
         raise error("u", jnp.shape(u), "(batch, H, W, E)")
     b, h, w, e = u.shape
-    if jnp.ndim(delta) != 5 or delta.shape[:3] != (b, h, w) or delta.shape[4] != e:
-        raise error("delta", jnp.shape(delta), f"({b}, {h}, {w}, K, {e})")
-    k = delta.shape[3]
+    if jnp.ndim(delta) != 5 or delta.shape[1:] != (b, h, w, e):
+        raise error("delta", jnp.shape(delta), f"(K, {b}, {h}, {w}, {e})")
+    k = delta.shape[0]
     if jnp.ndim(A) != 3 or A.shape[:2] != (k, e):
         raise error("A", jnp.shape(A), f"({k}, {e}, N)")
     n = A.shape[2]
@@ -166,7 +169,8 @@ def normalise_walks(u, delta, A, B, C, D, z, delta_bias, walk_codes, weights
     flat = lambda x, *tail: None if x is None else x.reshape(b, length, *tail)  # noqa: E731
     vec = lambda x: None if x is None else x.reshape(k * e).astype(f32)  # noqa: E731
     args = Normalised(
-        flat(u, e), flat(delta, k * e), A.reshape(k * e, n).astype(f32), flat(B, k, n),
+        flat(u, e), delta.reshape(k, b, length, e), A.reshape(k * e, n).astype(f32),
+        flat(B, k, n),
         flat(C, k, n), vec(D), flat(z, e), vec(delta_bias), None,
         jnp.asarray(walk_codes, jnp.int32), None if weights is None else weights.astype(f32))
     return args, (h, w, k)
@@ -181,21 +185,19 @@ def unreturned_final_state(batch: int, channels: int, state: int):
 
 
 def reduce_walks(y, args: Normalised, walks: Walks):
-    """The kernels' per-walk outputs (b, L, K*E) -> what the caller asked for: the (weighted)
-    sum over walks (b, L, E) in u's dtype, or every walk's (b, L, K*E) unchanged."""
+    """The kernels' per-walk outputs (K, b, L, E) -> what the caller asked for: the (weighted)
+    sum over walks (b, L, E) in u's dtype, or every walk's (K, b, L, E) unchanged."""
     if not walks.summed:
         return y
-    b, length, e = args.u.shape
-    y = y.astype(jnp.float32).reshape(b, length, -1, e)
     if walks.weighted:
-        return jnp.einsum("blke,bk->ble", y, args.weights).astype(args.u.dtype)
-    return y.sum(axis=2).astype(args.u.dtype)
+        return jnp.einsum("kble,bk->ble", y.astype(jnp.float32), args.weights).astype(
+            args.u.dtype)
+    return y.astype(jnp.float32).sum(axis=0).astype(args.u.dtype)
 
 
-def sum_over_walks(x, args: Normalised):
-    """A per-walk gradient (b, L, K*E) of a shared map (u or z) -> its sum (b, L, E), float32."""
-    b, length, e = args.u.shape
-    return x.astype(jnp.float32).reshape(b, length, -1, e).sum(axis=2)
+def sum_over_walks(x):
+    """A per-walk gradient (K, b, L, E) of a shared map (u or z) -> its sum (b, L, E), float32."""
+    return x.astype(jnp.float32).sum(axis=0)
 
 
 def _cast_like(g, x):

@@ -214,9 +214,24 @@ class _Dims(NamedTuple):
         return (rows, n_blocks) if self.batch_major else (n_blocks, rows)
 
 
+def _rows_shape(args: Normalised) -> tuple[int, int, int]:
+    """(batch, L, E) of the per-channel rows; for walks E counts every walk's channels (the
+    K walks are the groups: delta is (K, b, L, E_map))."""
+    if args.walk_codes is None:
+        return args.delta.shape
+    k, b, length, e = args.delta.shape
+    return b, length, k * e
+
+
+def _per_channel_shape(args: Normalised, d: _Dims) -> tuple[int, ...]:
+    """Shape of delta and of the per-channel outputs (y, du, d delta, dz): (b, L, E), or for
+    walks (K, b, L, E_map)."""
+    return args.delta.shape if args.walk_codes is not None else (d.batch, d.length, d.channels)
+
+
 def _dims(args: Normalised, block_e: int, cfg: TritonConfig, forward_only: bool = False
           ) -> _Dims:
-    b, length, e = args.delta.shape  # (u is narrower for walks: shared by the K groups)
+    b, length, e = _rows_shape(args)
     n = args.A.shape[1]
     g = args.B.shape[2]
     eg = e // g
@@ -362,6 +377,7 @@ class _Program:
             return times
         return [self.time(s + 1) for s in steps]
 
+
     def shared_row(self, ref, t, valid):
         """`row` of an array that every walk reads (u, z: (b, L, E_map)); `row` without
         walks."""
@@ -375,13 +391,20 @@ class _Program:
         dy = self.shared_row(ref, t, valid) if summed else self.row(ref, t, valid)
         return dy if self.weight is None or not weigh else dy * self.weight
 
+    def _at(self, ref, t):
+        """This program's row of a (b, L, E) array at time t; of a walk's (K, b, L, E_map)."""
+        if self.walks is None:
+            return ref.at[self.bi, t, self.cols]
+        return ref.at[self.group, self.bi, t, self.shared_cols]
+
     def row(self, ref, t, valid):
-        """(block_e,) float32 slice of a (b, L, E) array at time t (0 where masked)."""
-        x = plgpu.load(ref.at[self.bi, t, self.cols], mask=self.e_ok & valid, other=0)
+        """(block_e,) float32 slice of a (b, L, E) array at time t (0 where masked); for walks
+        of this walk's (K, b, L, E_map) one."""
+        x = plgpu.load(self._at(ref, t), mask=self.e_ok & valid, other=0)
         return x.astype(jnp.float32)
 
     def put_row(self, ref, t, valid, x):
-        plgpu.store(ref.at[self.bi, t, self.cols], x.astype(ref.dtype), mask=self.e_ok & valid)
+        plgpu.store(self._at(ref, t), x.astype(ref.dtype), mask=self.e_ok & valid)
 
     def state_row(self, ref, t, valid):
         """(N_pad,) float32 row of a (b, L, G, N) array (B or C) at time t."""
@@ -637,7 +660,7 @@ def forward(opts: Options, args: Normalised, residual: bool = True):
     splits are `fwd_only_time_splits`'."""
     cfg: TritonConfig = opts.backend_config
     d = _dims(args, cfg.block_e, cfg, forward_only=not residual)
-    b, length, e = args.delta.shape
+    b, length, e = _rows_shape(args)
     a2t = (args.A * LOG2E).T  # (N, E)
     h0t = None if args.h0 is None else jnp.swapaxes(args.h0, 1, 2)  # (b, N, E)
     summaries = (None, None)
@@ -648,7 +671,7 @@ def forward(opts: Options, args: Normalised, residual: bool = True):
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
                        args.delta_bias, h0t, *summaries, args.walk_codes) if x is not None]
     f32 = jnp.float32
-    out_shape = (jax.ShapeDtypeStruct((b, length, e), args.u.dtype),)
+    out_shape = (jax.ShapeDtypeStruct(_per_channel_shape(args, d), args.u.dtype),)
     if opts.has_dh_last:
         out_shape += (jax.ShapeDtypeStruct((b, d.state, e), f32),)
     if residual:
@@ -773,15 +796,15 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         bcs = [(p.state_row(b_ref, t, v), p.state_row(c_ref, t, v)) for t, v in times]
         h = (plgpu.load(p.scratch_ref(sub_ref, slot, j)) if n_sub > 1
              else p.tile(ck_ref, p.bi, q))
-        hs, steps = [h], []
+        hs, recomputed = [h], []
         for (_, valid), (u, dt_raw, _, _), (bv, _) in zip(times, rows, bcs, strict=True):
             dt, slope = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             h, a = _advance(hs[-1], dt, u, bv, a2, fast, fused)
             hs.append(h)
-            steps.append((dt, slope, a if cfg.keep_decay else None))
+            recomputed.append((dt, slope, a if cfg.keep_decay else None))
         for i in reversed(range(unroll)):
             (t, valid), (u, _, dy, z), (bv, cv) = times[i], rows[i], bcs[i]
-            dt, slope, a = steps[i]
+            dt, slope, a = recomputed[i]
             h, h_prev = hs[i + 1], hs[i]
             if weighted:  # this walk's output times the summed output's cotangent
                 dy_sum, dy = dy, dy * p.weight
@@ -897,7 +920,7 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     """Gradients w.r.t. every normalised argument (float32; the glue casts them)."""
     cfg: TritonConfig = opts.backend_config
     d = _dims(args, cfg.bwd_block_e, cfg)
-    b, length, e = args.delta.shape
+    b, length, e = _rows_shape(args)
     n, g = d.state, d.groups
     slots = b * d.time_splits  # (batch row, segment) pairs
     n_blocks = g * d.blocks_per_group
@@ -914,9 +937,10 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     f32 = jnp.float32
     n_sub = d.interval // cfg.bwd_unroll
     sds = jax.ShapeDtypeStruct
-    out_shape = [sds((b, length, e), args.u.dtype), sds((b, length, e), args.delta.dtype)]
+    rows = _per_channel_shape(args, d)
+    out_shape = [sds(rows, args.u.dtype), sds(rows, args.delta.dtype)]
     if args.z is not None:
-        out_shape.append(sds((b, length, e), args.z.dtype))
+        out_shape.append(sds(rows, args.z.dtype))
     out_shape += [sds((b, length, g, d.blocks_per_group, n), f32)] * 2
     out_shape.append(sds((slots, n, e), f32))
     if args.D is not None:
@@ -938,8 +962,8 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     dh0_t = outs.pop(0)
     dw = None
     if opts.walks is not None:  # u and z are shared by the walks: their gradients add up
-        du = sum_over_walks(du, args)
-        dz = None if dz is None else sum_over_walks(dz, args)
+        du = sum_over_walks(du)
+        dz = None if dz is None else sum_over_walks(dz)
         if args.weights is not None:  # per (row, segment) and channel -> per (row, walk)
             dw = outs[1].reshape(b, d.time_splits, g, d.group_width).sum((1, 3))
     return Grads(

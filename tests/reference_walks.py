@@ -35,18 +35,18 @@ def numpy_walk_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
                     *, walk_names, shift=False, summed=True, weights=None):
     """The walks one by one, one step at a time, in float64.
 
-    u, z: (b, H, W, E); delta: (b, H, W, K, E); A: (K, E, N); B, C: (b, H, W, K, N);
+    u, z: (b, H, W, E); delta: (K, b, H, W, E); A: (K, E, N); B, C: (b, H, W, K, N);
     D, delta_bias: (K, E); walk_names[b][k]: the walk of slot k of sample b; weights (b, K).
-    Returns (b, H, W, E) summed (weighted), or (b, H, W, K, E).
+    Returns (b, H, W, E) summed (weighted), or (K, b, H, W, E).
     """
     f = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
     u, delta, A, B, C, D, z, bias, weights = map(f, (u, delta, A, B, C, D, z, delta_bias,
                                                      weights))
     b, height, width, e = u.shape
-    k = delta.shape[3]
+    k = delta.shape[0]
     length = height * width
     u, z = u.reshape(b, length, e), None if z is None else z.reshape(b, length, e)
-    delta = delta.reshape(b, length, k, e)
+    delta = np.moveaxis(delta.reshape(k, b, length, e), 0, 2)  # (b, L, K, E)
     B, C = B.reshape(b, length, k, -1), C.reshape(b, length, k, -1)
     if bias is not None:
         delta = delta + bias
@@ -72,7 +72,7 @@ def numpy_walk_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
     if summed:
         y = (y if weights is None else y * weights[:, None, :, None]).sum(axis=2)
         return y.reshape(b, height, width, e)
-    return y.reshape(b, height, width, k, e)
+    return np.moveaxis(y, 2, 0).reshape(k, b, height, width, e)
 
 
 def random_walk_inputs(rng, b=2, height=3, width=5, e=8, n=4, k=3, *, dtype=np.float32,
@@ -80,7 +80,7 @@ def random_walk_inputs(rng, b=2, height=3, width=5, e=8, n=4, k=3, *, dtype=np.f
     """Random map-layout arguments (never zeros) of a walk scan."""
     args = dict(
         u=rng.normal(size=(b, height, width, e)),
-        delta=rng.normal(size=(b, height, width, k, e)) * 0.5,
+        delta=rng.normal(size=(k, b, height, width, e)) * 0.5,
         A=-np.exp(rng.normal(size=(k, e, n)) * 0.5),
         B=rng.normal(size=(b, height, width, k, n)),
         C=rng.normal(size=(b, height, width, k, n)),

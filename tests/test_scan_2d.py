@@ -73,8 +73,8 @@ def test_shift_leaves_each_walks_first_position_empty(rng):
     y = np.asarray(selective_scan_2d(**{k: jnp.asarray(v) for k, v in arrays.items()}, **kw,
                                      impl="sequential"))
     # col_rev starts at the bottom-right corner, snake_row at the top-left one.
-    assert np.all(y[0, 2, 3, 0] == 0) and np.all(y[0, 0, 0, 1] == 0)
-    assert np.all(y[0, 0, 0, 0] != 0) and np.all(y[0, 2, 3, 1] != 0)
+    assert np.all(y[0, 0, 2, 3] == 0) and np.all(y[1, 0, 0, 0] == 0)
+    assert np.all(y[0, 0, 0, 0] != 0) and np.all(y[1, 0, 2, 3] != 0)
 
 
 def test_bfloat16_inputs(rng):
@@ -110,8 +110,8 @@ def test_gradients_of_every_input(rng, walks):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(u=np.ones((2, 15, 4), np.float32)), "'u' has shape (2, 15, 4), wanted (batch, H, W"),
-    (dict(delta=np.ones((2, 3, 5, 3, 4), np.float32)),
-     "'delta' has shape (2, 3, 5, 3, 4), wanted (2, 3, 5, 4, 4) (K = 4 walks)"),
+    (dict(delta=np.ones((3, 2, 3, 5, 4), np.float32)),
+     "'delta' has shape (3, 2, 3, 5, 4), wanted (4, 2, 3, 5, 4) (K = 4 walks)"),
     (dict(A=np.ones((4, 3, 3), np.float32)), "'A' has shape (4, 3, 3), wanted (4, 4, N)"),
     (dict(B=np.ones((2, 3, 5, 4, 2), np.float32)), "'B' has shape (2, 3, 5, 4, 2)"),
     (dict(C=np.ones((2, 5, 3, 4, 3), np.float32)), "'C' has shape (2, 5, 3, 4, 3)"),

@@ -100,15 +100,16 @@ class S6(nnx.Module):
         (`selective_scan_2d`): direction k walks walks[k], or walks[walk_index[b, k]].
 
         The step size and B, C of each direction are projections of u at each map position,
-        so they are computed in map layout (B, H, W, K, ...), whatever order each direction
-        visits the positions in.
+        so they are computed in map layout, whatever order each direction visits the
+        positions in: B, C (B, H, W, K, N) as slices of one matmul, the step size
+        (K, B, H, W, E) walk-major as its K matmuls come out (no transpose).
 
         Args:
           u: (B, H, W, E) the map, read by every direction.
           walks, walk_index, shift, summed, weights: as `selective_scan_2d`.
 
         Returns:
-          (B, H, W, E) summed over the directions (weighted), or (B, H, W, K, E).
+          (B, H, W, E) summed over the directions (weighted), or (K, B, H, W, E).
         """
         b, h, w, e = u.shape
         if e != self.channels:
@@ -118,7 +119,7 @@ class S6(nnx.Module):
         x_dbl = jnp.einsum("bhwe,ker->bhwkr", u, self.x_proj[...].astype(dtype))
         r, n = self.dt_rank, self.state_dim
         dt, Bm, Cm = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
-        delta = jnp.einsum("bhwkr,kre->bhwke", dt, self.dt_proj[...].astype(dtype))
+        delta = jnp.einsum("bhwkr,kre->kbhwe", dt, self.dt_proj[...].astype(dtype))
         return selective_scan_2d(
             u, delta, self._A(), Bm, Cm, D=None if self.D is None else self.D[...],
             delta_bias=self.dt_bias[...], delta_softplus=True, walks=walks,

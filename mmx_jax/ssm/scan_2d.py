@@ -3,7 +3,7 @@
 Map layout, channels last:
 
     u, z  : (batch, H, W, E)        the map, read by every walk
-    delta : (batch, H, W, K, E)     walk k's step size at each position
+    delta : (K, batch, H, W, E)     walk k's step size at each position
     B, C  : (batch, H, W, K, N)     walk k's input and output projections at each position
     A : (K, E, N)                   D, delta_bias : (K, E)
 
@@ -17,7 +17,10 @@ walks (weighted per sample and walk, if `weights`) or per walk.
 
 Every per-walk array is in map layout, so a layer computes it from the map position by
 position (delta, B and C are projections of u at each position: they do not depend on the
-order the walk visits them in) and never permutes the map:
+order the walk visits them in) and never permutes the map. Each comes in the layout its
+projection produces: B and C slice the output of one matmul (batch, H, W, K * (R + 2N)), and
+delta is K matmuls of rank R, which XLA lays out walk-major; a per-walk output is
+(K, batch, H, W, E) like delta.
 
 - "pallas": `kernels_pallas.selective_scan_walks`. The kernels compute the position of each
   step by index arithmetic and read and write the arrays where they lie.
@@ -93,8 +96,8 @@ def check_walk_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     if k < 1:
         raise ValueError("selective_scan_2d: no walks (walks is empty, or walk_index has no "
                          "slots)")
-    if jnp.shape(delta) != (b, h, w, k, e):
-        raise _shape_error("delta", jnp.shape(delta), f"{(b, h, w, k, e)} (K = {k} walks)")
+    if jnp.shape(delta) != (k, b, h, w, e):
+        raise _shape_error("delta", jnp.shape(delta), f"{(k, b, h, w, e)} (K = {k} walks)")
     if jnp.ndim(A) != 3 or jnp.shape(A)[:2] != (k, e):
         raise _shape_error("A", jnp.shape(A), f"({k}, {e}, N)")
     n = jnp.shape(A)[2]
@@ -133,7 +136,8 @@ class _Layout:
         return apply_scans(x.reshape(b, h * w, f), self.perms)
 
     def per_walk(self, x):
-        """(b, H, W, K, F), walk k's own -> (b, L, K, F) in each walk's order."""
+        """(b, H, W, K, F), walk k's own -> (b, L, K, F) in each walk's order (delta comes
+        walk-major, (K, b, H, W, F): moved first)."""
         if self.perms is None:
             return jnp.concatenate([scan_map(x[:, :, :, i], (name,))
                                     for i, name in enumerate(self.walks)], axis=2)
@@ -155,8 +159,9 @@ def _scan_2d_layout(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, walk
     layout = _Layout(walks, walk_index, h, w)
     flat = lambda x: None if x is None else x.reshape(k * e)  # noqa: E731
     y = selective_scan(
-        layout.shared(u).reshape(b, length, k * e), layout.per_walk(delta).reshape(
-            b, length, k * e), A.reshape(k * e, n), layout.per_walk(B), layout.per_walk(C),
+        layout.shared(u).reshape(b, length, k * e), layout.per_walk(
+            jnp.moveaxis(delta, 0, 3)).reshape(b, length, k * e), A.reshape(k * e, n),
+        layout.per_walk(B), layout.per_walk(C),
         D=flat(D), z=None if z is None else layout.shared(z).reshape(b, length, k * e),
         delta_bias=flat(delta_bias), delta_softplus=delta_softplus, impl=impl)
     y = y.reshape(b, length, k, e)
@@ -164,7 +169,7 @@ def _scan_2d_layout(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, walk
         y = jnp.pad(y[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
     y = layout.back(y).reshape(b, h, w, k, e)
     if not summed:
-        return y
+        return jnp.moveaxis(y, 3, 0)
     f32 = compute_dtype(u, delta, A, B, C, D, z, delta_bias, weights)
     if weights is None:
         return y.astype(f32).sum(axis=3).astype(u.dtype)
@@ -211,7 +216,7 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     Args:
       u: (batch, H, W, E) the map.  z: optional (batch, H, W, E) gate: each walk's output
         *= silu(z) at its step's own position (before any shift).
-      delta: (batch, H, W, K, E).  A: (K, E, N).  B, C: (batch, H, W, K, N).
+      delta: (K, batch, H, W, E).  A: (K, E, N).  B, C: (batch, H, W, K, N).
       D, delta_bias: optional (K, E).  delta_softplus: delta <- softplus(delta + delta_bias).
       walks: scan order names (`scan_orders.ALL_ORDERS`): slot k's walk when walk_index is
         None (K = len(walks)), else the bank that walk_index picks from.
@@ -223,7 +228,7 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
       impl: "pallas", "sequential", "associative" or "auto".
 
     Returns:
-      (batch, H, W, E) if summed, else (batch, H, W, K, E), in u's dtype.
+      (batch, H, W, E) if summed, else (K, batch, H, W, E), in u's dtype.
     """
     dims = check_walk_args(u, delta, A, B, C, D, z, delta_bias, walks=walks,
                            walk_index=walk_index, weights=weights)
