@@ -377,6 +377,21 @@ class _Program:
             return times
         return [self.time(s + 1) for s in steps]
 
+    def step_times(self, steps):
+        """(`time` of each step, `out_times`)."""
+        times = [self.time(s) for s in steps]
+        return times, self.out_times(steps, times)
+
+    def loaded(self, rows, times):
+        """What a loader hands its loop body: the rows, with their steps' `step_times` for
+        walks. A walk's position costs tens of integer operations, and a prefetched chunk's
+        body runs an iteration after its loads; a 1-D scan's time is a clamp, which the
+        body recomputes (`unpack`) as it always did."""
+        return (rows, times) if self.walks is not None else rows
+
+    def unpack(self, loaded, steps):
+        """(rows, (times, out_times)) of a loader's `loaded` output for these steps."""
+        return loaded if self.walks is not None else (loaded, self.step_times(steps))
 
     def shared_row(self, ref, t, valid):
         """`row` of an array that every walk reads (u, z: (b, L, E_map)); `row` without
@@ -530,14 +545,18 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
 
     ahead = cfg.prefetch and cfg.prefetch_bc
 
+    def steps(c):
+        return [c * unroll + j for j in range(unroll)]
+
     def load(c):  # the per-channel rows of chunk c: (u, raw delta[, B]) per step
-        return [(p.shared_row(u_ref, t, valid), p.row(dt_ref, t, valid))
-                + ((p.state_row(b_ref, t, valid),) if ahead else ())
-                for t, valid in (p.time(c * unroll + j) for j in range(unroll))]
+        times = p.step_times(steps(c))
+        return p.loaded([(p.shared_row(u_ref, t, valid), p.row(dt_ref, t, valid))
+                         + ((p.state_row(b_ref, t, valid),) if ahead else ())
+                         for t, valid in times[0]], times)
 
     def chunk(c, carry, rows):
         h, sum_dt = carry
-        times = [p.time(c * unroll + j) for j in range(unroll)]
+        rows, (times, _) = p.unpack(rows, steps(c))
         bvs = ([r[2] for r in rows] if ahead
                else [p.state_row(b_ref, t, v) for t, v in times])
         for (_, valid), (u, dt_raw, *_), bv in zip(times, rows, bvs, strict=True):
@@ -588,21 +607,23 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     def load_bc(t, valid):
         return p.state_row(b_ref, t, valid), p.state_row(c_ref, t, valid)
 
+    def steps(c):
+        return [c * unroll + j for j in range(unroll)]
+
     def load(c):  # the per-channel rows of chunk c: (u, raw delta, z[, (B, C)]) per step
+        times = p.step_times(steps(c))
         rows = []
-        for j in range(unroll):
-            t, valid = p.time(c * unroll + j)
+        for t, valid in times[0]:
             rows.append((p.shared_row(u_ref, t, valid), p.row(dt_ref, t, valid),
                          p.shared_row(z_ref, t, valid) if z_ref is not None else None)
                         + ((load_bc(t, valid),) if ahead else ()))
-        return rows
+        return p.loaded(rows, times)
 
     def chunk(c, h, rows):
-        steps = [c * unroll + j for j in range(unroll)]
-        times = [p.time(s) for s in steps]
+        rows, (times, outs) = p.unpack(rows, steps(c))
         bcs = [r[3] for r in rows] if ahead else [load_bc(t, v) for t, v in times]
         for (_, valid), (u, dt_raw, z, *_), (bv, cv), (t_out, valid_out) in zip(
-                times, rows, bcs, p.out_times(steps, times), strict=True):
+                times, rows, bcs, outs, strict=True):
             dt, _ = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             h, _ = _advance(h, dt, u, bv, a2, fast, fused)
             y = jnp.sum(h * cv[:, None], axis=0)
@@ -708,19 +729,18 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
     per_interval = d.interval // unroll
     last = p.k_end * per_interval - 1  # the segment's last chunk, walked first
 
-    def steps(i):  # (time, valid) of each step of the i-th chunk back from the segment end
-        return [p.time((last - i) * unroll + j) for j in range(unroll)]
+    def steps(i):  # the steps of the i-th chunk back from the segment end
+        return [(last - i) * unroll + j for j in range(unroll)]
 
     def load(i):  # its per-channel rows: (raw delta, dy, z) per step
-        times = steps(i)
-        outs = p.out_times([(last - i) * unroll + j for j in range(unroll)], times)
-        return [(p.row(dt_ref, t, valid), p.dy_row(dy_ref, *out),
-                 p.shared_row(z_ref, t, valid) if z_ref is not None else None)
-                for (t, valid), out in zip(times, outs, strict=True)]
+        times, outs = p.step_times(steps(i))
+        return p.loaded([(p.row(dt_ref, t, valid), p.dy_row(dy_ref, *out),
+                          p.shared_row(z_ref, t, valid) if z_ref is not None else None)
+                         for (t, valid), out in zip(times, outs, strict=True)], (times, outs))
 
     def chunk(i, carry, rows):
         g_next, sum_dt = carry
-        times = steps(i)
+        rows, (times, _) = p.unpack(rows, steps(i))
         cvs = [p.state_row(c_ref, t, v) for t, v in times]
         for j in reversed(range(unroll)):
             (_, valid), (dt_raw, dy, z), cv = times[j], rows[j], cvs[j]
@@ -769,20 +789,22 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     zeros_row = jnp.zeros((d.block_e,), jnp.float32)
     barrier = (lambda: None) if interpret else plgpu.debug_barrier
 
+    def steps(q):
+        return [q * unroll + i for i in range(unroll)]
+
     def load(q, with_grads=True):  # per-channel rows of sub-chunk q: (u, raw delta, dy, z)
-        steps = [q * unroll + i for i in range(unroll)]
-        times = [p.time(s) for s in steps]
+        times, outs = p.step_times(steps(q))
         rows = []
-        for (t, valid), out in zip(times, p.out_times(steps, times), strict=True):
+        for (t, valid), out in zip(times, outs, strict=True):
             rows.append((p.shared_row(u_ref, t, valid), p.row(dt_ref, t, valid),
                          p.dy_row(dy_ref, *out, weigh=False) if with_grads else None,
                          p.shared_row(z_ref, t, valid) if with_grads and z_ref is not None
                          else None))
-        return rows
+        return p.loaded(rows, (times, outs))
 
     def sub_forward(j, h, rows, k):  # pass 1: the state at every sub-chunk start of interval k
         q = k * n_sub + j
-        times = [p.time(q * unroll + i) for i in range(unroll)]
+        rows, (times, _) = p.unpack(rows, steps(q))
         bvs = [p.state_row(b_ref, t, v) for t, v in times]
         plgpu.store(p.scratch_ref(sub_ref, slot, j), h)
         for (_, valid), (u, dt_raw, _, _), bv in zip(times, rows, bvs, strict=True):
@@ -792,7 +814,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
 
     def sub_backward(q, j, carry, rows):  # pass 2: one sub-chunk, its steps in reverse
         g_next, da, dd, dbias, *dw = carry  # dw: the weight's gradient (walks.weighted)
-        times = [p.time(q * unroll + i) for i in range(unroll)]
+        rows, (times, _) = p.unpack(rows, steps(q))
         bcs = [(p.state_row(b_ref, t, v), p.state_row(c_ref, t, v)) for t, v in times]
         h = (plgpu.load(p.scratch_ref(sub_ref, slot, j)) if n_sub > 1
              else p.tile(ck_ref, p.bi, q))
