@@ -81,8 +81,10 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         label_smoothing=0.1,
     )
     size = "tiny" if variant == "cifar" else variant
+    # scan_layout: "walks" (the token mixers' scans read the map in place) or "permuted"
+    # (the earlier layout path: a permuted copy per scan order); the same model.
     config.model = dict(name=f"{family}_{size}" + ("_mlp" if args["mlp"] else ""),
-                        scan_impl="auto", dtype="bfloat16")
+                        scan_impl="auto", scan_layout="walks", dtype="bfloat16")
     if variant == "cifar":
         config.model.update(CIFAR_MODEL)
     if args["batch"]:

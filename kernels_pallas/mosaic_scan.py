@@ -36,6 +36,7 @@ from kernels_pallas.scan_vjp import (
     sigmoid,
     split_refs,
     step_size,
+    unreturned_final_state,
 )
 
 LANES = 128
@@ -123,7 +124,8 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options):
     (u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref), rest = split_refs(
         refs, flags)
     *outs, h_scr = rest
-    y_ref, hlast_ref, *ck_ref = outs  # no checkpoints for a forward alone
+    # The final state only when it is returned; no checkpoints for a forward alone.
+    (y_ref, hlast_ref), ck_ref = split_refs(outs, (True, opts.has_dh_last))
     ck_ref = ck_ref[0] if ck_ref else None
     blk = _Block(d, opts.reverse, backward=False)
 
@@ -157,9 +159,10 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options):
     h = jax.lax.fori_loop(0, d.block_t, step, h_scr[...])
     h_scr[...] = h
 
-    @pl.when(blk.visit == d.n_t - 1)
-    def _():
-        hlast_ref[0, 0] = h
+    if hlast_ref is not None:
+        @pl.when(blk.visit == d.n_t - 1)
+        def _():
+            hlast_ref[0, 0] = h
 
 
 def _specs(d: _Dims, opts: Options, backward: bool):
@@ -205,8 +208,9 @@ def _state_out(x, d: _Dims):
 
 
 def forward(opts: Options, args: Normalised, residual: bool = True):
-    """Returns y (b, L, E), the final state (b, E, N) float32 and the checkpoints (None
-    without `residual`: a forward alone writes none)."""
+    """Returns y (b, L, E), the final state (b, E, N) float32 (zeros, not written, unless
+    `opts.has_dh_last`) and the checkpoints (None without `residual`: a forward alone writes
+    none)."""
     cfg: MosaicConfig = opts.backend_config
     d = _dims(args, cfg)
     rows, cols, chan, vec, state, ck = _specs(d, opts, backward=False)
@@ -216,21 +220,24 @@ def forward(opts: Options, args: Normalised, residual: bool = True):
     ins = [x for x in ins if x is not None]
     b, g, eg, n = d.batch, d.groups, d.group_width, d.state
     f32 = jnp.float32
-    out_shape = (jax.ShapeDtypeStruct((b, g, d.length, eg), args.u.dtype),
-                 jax.ShapeDtypeStruct((b, g, n, eg), f32))
-    out_specs = (rows, state)
+    out_shape = (jax.ShapeDtypeStruct((b, g, d.length, eg), args.u.dtype),)
+    out_specs = (rows,)
+    if opts.has_dh_last:
+        out_shape += (jax.ShapeDtypeStruct((b, g, n, eg), f32),)
+        out_specs += (state,)
     if residual:
         out_shape += (jax.ShapeDtypeStruct((b, g, d.n_t, n, eg), f32),)
         out_specs += (ck,)
-    y, h_last, *checkpoints = pl.pallas_call(
+    y, *outs = pl.pallas_call(
         functools.partial(_fwd_kernel, d=d, opts=opts), out_shape=out_shape,
         grid=(b, g, d.n_e, d.n_t), in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((n, d.block_e), f32)],
         compiler_params=_compiler_params(), interpret=opts.interpret,
         name="selective_scan_fwd",
     )(*ins)
-    return (_from_groups(y, d), _state_out(h_last, d),
-            checkpoints[0] if checkpoints else None)
+    h_last = (_state_out(outs.pop(0), d) if opts.has_dh_last
+              else unreturned_final_state(b, g * eg, n))
+    return _from_groups(y, d), h_last, outs[0] if outs else None
 
 
 def _bwd_kernel(*refs, d: _Dims, opts: Options):

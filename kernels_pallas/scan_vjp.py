@@ -9,6 +9,11 @@ arguments (see `Normalised`):
 `make_scan(backend)` turns such a pair into a differentiable scan whose gradients flow to
 every input (u, delta, A, B, C, D, z, delta_bias, initial_state), with the cotangent of the
 final state taken into account when the final state is returned.
+
+The same pair scans the walks of a 2-D map (`Walks`, `normalise_walks`): u and z are then the
+map (b, H*W, E), shared by K walks, each with its own delta (K, b, H*W, E) and B, C
+(b, H*W, K, N) at the map's own row-major positions; A, D and delta_bias sit on the channel
+axis as K groups of E channels.
 """
 
 from __future__ import annotations
@@ -26,6 +31,23 @@ LOG2E = 1.0 / math.log(2.0)
 SOFTPLUS_LINEAR_ABOVE = 20.0
 
 
+class Walks(NamedTuple):
+    """Static description of a scan along the walks of an H x W map (`kernels_pallas.walks`).
+
+    The kernels read the walk code of each (sample, slot) from an int32 table (1 or b, K) and
+    compute the map position of every step from it. Each walk's output, in u's dtype, goes
+    to the position of its step (or of the next step, with `shift`); the backend returns the
+    walks summed (weighted, with `weighted`), or each walk's own map.
+    """
+
+    height: int
+    width: int
+    per_sample: bool  # the walk table is (b, K): each sample its own walks
+    shift: bool  # step t's output belongs to step t+1's position; the first position gets 0
+    summed: bool  # the output (and so dy) is the sum over walks, (b, L, E)
+    weighted: bool  # the sum weighs walk k of sample b by weights[b, k]
+
+
 class Options(NamedTuple):
     """Static options of one call (hashable: it is a nondiff argument of the custom_vjp)."""
 
@@ -38,6 +60,7 @@ class Options(NamedTuple):
     has_dh_last: bool  # the final state is returned, so its cotangent matters
     backend_config: Any  # backend-specific static tuning (a hashable NamedTuple)
     interpret: Any  # False, True, or a backend's interpret parameters
+    walks: Walks | None = None  # a 1-D scan when None
 
 
 class Normalised(NamedTuple):
@@ -46,6 +69,12 @@ class Normalised(NamedTuple):
     u, delta, z: (b, L, E) in their own dtypes (z may be None).
     A: (E, N) float32.   B, C: (b, L, G, N) in their own dtypes.
     D, delta_bias: (E,) float32 or None.   h0: (b, E, N) float32 or None.
+
+    Walks of a map (`Options.walks`): u and z are the map (b, L, E) that every walk reads,
+    delta is (K, b, L, E) (and so are the per-walk outputs and their gradients), B and C are
+    (b, L, K, N) (the walks as K groups), A is (K*E, N) and D, delta_bias are (K*E,);
+    walk_codes is the int32 walk table (1 or b, K) and weights the float32 (b, K) weights of
+    the sum, or None.
     """
 
     u: jax.Array
@@ -57,6 +86,8 @@ class Normalised(NamedTuple):
     z: jax.Array | None
     delta_bias: jax.Array | None
     h0: jax.Array | None
+    walk_codes: jax.Array | None = None
+    weights: jax.Array | None = None
 
 
 #: Gradients in the layout of `Normalised` (B and C as (b, L, G, N)), one per argument.
@@ -100,8 +131,78 @@ def normalise(u, delta, A, B, C, D, z, delta_bias, initial_state) -> Normalised:
         None if initial_state is None else initial_state.astype(f32))
 
 
+def normalise_walks(u, delta, A, B, C, D, z, delta_bias, walk_codes, weights
+                    ) -> tuple[Normalised, tuple[int, int, int]]:
+    """Checks the map-layout arguments of a walk scan and flattens them (free reshapes) into
+    the layout of `Normalised`; returns it and (H, W, K).
+
+    u, z: (b, H, W, E).  delta: (K, b, H, W, E).  A: (K, E, N).  B, C: (b, H, W, K, N).
+    D, delta_bias: (K, E).  walk_codes: int (1 or b, K).  weights: (b, K) or None.
+    """
+    def error(name, got, wanted):
+        return ValueError(f"kernels_pallas.selective_scan_walks: argument {name!r} has shape "
+                          f"{tuple(got)}, wanted {wanted}")
+
+    if jnp.ndim(u) != 4:
+        raise error("u", jnp.shape(u), "(batch, H, W, E)")
+    b, h, w, e = u.shape
+    if jnp.ndim(delta) != 5 or delta.shape[1:] != (b, h, w, e):
+        raise error("delta", jnp.shape(delta), f"(K, {b}, {h}, {w}, {e})")
+    k = delta.shape[0]
+    if jnp.ndim(A) != 3 or A.shape[:2] != (k, e):
+        raise error("A", jnp.shape(A), f"({k}, {e}, N)")
+    n = A.shape[2]
+    for name, x in (("B", B), ("C", C)):
+        if jnp.shape(x) != (b, h, w, k, n):
+            raise error(name, jnp.shape(x), str((b, h, w, k, n)))
+    for name, x in (("D", D), ("delta_bias", delta_bias)):
+        if x is not None and jnp.shape(x) != (k, e):
+            raise error(name, jnp.shape(x), str((k, e)))
+    if z is not None and jnp.shape(z) != u.shape:
+        raise error("z", jnp.shape(z), f"{u.shape} (same as u)")
+    if (jnp.ndim(walk_codes) != 2 or jnp.shape(walk_codes)[0] not in (1, b)
+            or jnp.shape(walk_codes)[1] != k):
+        raise error("walk_codes", jnp.shape(walk_codes), f"(1, {k}) or ({b}, {k})")
+    if weights is not None and jnp.shape(weights) != (b, k):
+        raise error("weights", jnp.shape(weights), str((b, k)))
+    length, f32 = h * w, jnp.float32
+    flat = lambda x, *tail: None if x is None else x.reshape(b, length, *tail)  # noqa: E731
+    vec = lambda x: None if x is None else x.reshape(k * e).astype(f32)  # noqa: E731
+    args = Normalised(
+        flat(u, e), delta.reshape(k, b, length, e), A.reshape(k * e, n).astype(f32),
+        flat(B, k, n),
+        flat(C, k, n), vec(D), flat(z, e), vec(delta_bias), None,
+        jnp.asarray(walk_codes, jnp.int32), None if weights is None else weights.astype(f32))
+    return args, (h, w, k)
+
+
+def unreturned_final_state(batch: int, channels: int, state: int):
+    """The final state a forward returns when the caller did not ask for it
+    (`Options.has_dh_last` False): zeros, which XLA drops with the unused output, so the
+    kernels need not write (batch, E, N) states that nobody reads (for the vision channel
+    mixers, whose batch is batch x tokens, that was more than their output)."""
+    return jnp.zeros((batch, channels, state), jnp.float32)
+
+
+def reduce_walks(y, args: Normalised, walks: Walks):
+    """The kernels' per-walk outputs (K, b, L, E) -> what the caller asked for: the (weighted)
+    sum over walks (b, L, E) in u's dtype, or every walk's (K, b, L, E) unchanged."""
+    if not walks.summed:
+        return y
+    if walks.weighted:
+        return jnp.einsum("kble,bk->ble", y.astype(jnp.float32), args.weights).astype(
+            args.u.dtype)
+    return y.astype(jnp.float32).sum(axis=0).astype(args.u.dtype)
+
+
+def sum_over_walks(x):
+    """A per-walk gradient (K, b, L, E) of a shared map (u or z) -> its sum (b, L, E), float32."""
+    return x.astype(jnp.float32).sum(axis=0)
+
+
 def _cast_like(g, x):
-    return None if x is None else g.astype(x.dtype)
+    """g in x's dtype; None for an input without a gradient (absent, or the walk table)."""
+    return None if x is None or g is None else g.astype(x.dtype)
 
 
 def make_scan(forward: Callable, backward: Callable) -> Callable:

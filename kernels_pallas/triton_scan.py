@@ -67,11 +67,16 @@ from kernels_pallas.scan_vjp import (
     Grads,
     Normalised,
     Options,
+    Walks,
     best_checkpoint_interval,
+    reduce_walks,
     sigmoid,
     split_refs,
     step_size,
+    sum_over_walks,
+    unreturned_final_state,
 )
+from kernels_pallas.walks import walk_position
 
 LN2 = math.log(2.0)
 MAX_STATE = 64  # larger N would not fit in registers as one tile
@@ -209,9 +214,24 @@ class _Dims(NamedTuple):
         return (rows, n_blocks) if self.batch_major else (n_blocks, rows)
 
 
+def _rows_shape(args: Normalised) -> tuple[int, int, int]:
+    """(batch, L, E) of the per-channel rows; for walks E counts every walk's channels (the
+    K walks are the groups: delta is (K, b, L, E_map))."""
+    if args.walk_codes is None:
+        return args.delta.shape
+    k, b, length, e = args.delta.shape
+    return b, length, k * e
+
+
+def _per_channel_shape(args: Normalised, d: _Dims) -> tuple[int, ...]:
+    """Shape of delta and of the per-channel outputs (y, du, d delta, dz): (b, L, E), or for
+    walks (K, b, L, E_map)."""
+    return args.delta.shape if args.walk_codes is not None else (d.batch, d.length, d.channels)
+
+
 def _dims(args: Normalised, block_e: int, cfg: TritonConfig, forward_only: bool = False
           ) -> _Dims:
-    b, length, e = args.u.shape
+    b, length, e = _rows_shape(args)
     n = args.A.shape[1]
     g = args.B.shape[2]
     eg = e // g
@@ -291,10 +311,17 @@ class _Program:
     one needs (`first_segment` is then 1 for the backward's). The program owns checkpoint
     intervals [k0, k_end). Without splits seg, k0 and k_end are Python ints (0, 0 and the
     interval count), so the kernels trace as they did before splits existed.
+
+    Walks of a map (`walks`, with the walk table `codes_ref`): the group is the walk slot,
+    step s is at the map position `walk_position(code, s)` (`time`), the shared map arrays
+    (u, z, and dy when the walks are summed) are read at the channel offset within the group
+    (`shared_row`), and with `walks.shift` the output of step s belongs to step s+1's
+    position (`out_times`). Without walks every one of these is the 1-D scan's own.
     """
 
     def __init__(self, d: _Dims, reverse: bool, segments: int | None = None,
-                 first_segment: int = 0):
+                 first_segment: int = 0, walks: Walks | None = None, codes_ref=None,
+                 weights_ref=None):
         self.d = d
         self.reverse = reverse
         segments = d.time_splits if segments is None else segments
@@ -315,6 +342,13 @@ class _Program:
         self.tile_ok = self.n_ok[:, None] & self.e_ok[None, :]
         self.cols = pl.ds(self.e0, d.block_e)
         self.rows = pl.ds(0, d.state_pad)
+        self.walks = walks
+        self.shared_cols = self.cols
+        if walks is not None:
+            self.shared_cols = pl.ds(local, d.block_e)
+            self.code = codes_ref[self.bi if walks.per_sample else 0, self.group]
+        # The weight of this program's walk in the sum (walks.weighted), scaling its dy.
+        self.weight = None if weights_ref is None else weights_ref[self.bi, self.group]
 
     @property
     def is_first(self):
@@ -327,19 +361,65 @@ class _Program:
         return self.seg == self.d.time_splits - 1 if self.d.time_splits > 1 else None
 
     def time(self, s):
-        """Scan step s -> (physical time index, in range)."""
+        """Scan step s -> (physical time index, in range); for walks the map position."""
         valid = (s >= 0) & (s < self.d.length)
         t = self.d.length - 1 - s if self.reverse else s
         # Clamped rather than selected: a scalar select with a literal mis-lowers in Triton.
-        return jnp.minimum(jnp.maximum(t, 0), self.d.length - 1), valid
+        t = jnp.minimum(jnp.maximum(t, 0), self.d.length - 1)
+        if self.walks is not None:
+            t = walk_position(self.code, t, self.walks.height, self.walks.width)
+        return t, valid
+
+    def out_times(self, steps, times):
+        """Where the outputs of scan steps `steps` (with `times` their own `time`) belong:
+        the same places, or with a shifted walk the next step's (out of range for the last)."""
+        if self.walks is None or not self.walks.shift:
+            return times
+        return [self.time(s + 1) for s in steps]
+
+    def step_times(self, steps):
+        """(`time` of each step, `out_times`)."""
+        times = [self.time(s) for s in steps]
+        return times, self.out_times(steps, times)
+
+    def loaded(self, rows, times):
+        """What a loader hands its loop body: the rows, with their steps' `step_times` for
+        walks. A walk's position costs tens of integer operations, and a prefetched chunk's
+        body runs an iteration after its loads; a 1-D scan's time is a clamp, which the
+        body recomputes (`unpack`) as it always did."""
+        return (rows, times) if self.walks is not None else rows
+
+    def unpack(self, loaded, steps):
+        """(rows, (times, out_times)) of a loader's `loaded` output for these steps."""
+        return loaded if self.walks is not None else (loaded, self.step_times(steps))
+
+    def shared_row(self, ref, t, valid):
+        """`row` of an array that every walk reads (u, z: (b, L, E_map)); `row` without
+        walks."""
+        x = plgpu.load(ref.at[self.bi, t, self.shared_cols], mask=self.e_ok & valid, other=0)
+        return x.astype(jnp.float32)
+
+    def dy_row(self, ref, t, valid, weigh: bool = True):
+        """The output cotangent of walk steps whose output is at time t: shared by the walks
+        when they are summed, times this walk's weight when the sum is weighted (`weigh`)."""
+        summed = self.walks is not None and self.walks.summed
+        dy = self.shared_row(ref, t, valid) if summed else self.row(ref, t, valid)
+        return dy if self.weight is None or not weigh else dy * self.weight
+
+    def _at(self, ref, t):
+        """This program's row of a (b, L, E) array at time t; of a walk's (K, b, L, E_map)."""
+        if self.walks is None:
+            return ref.at[self.bi, t, self.cols]
+        return ref.at[self.group, self.bi, t, self.shared_cols]
 
     def row(self, ref, t, valid):
-        """(block_e,) float32 slice of a (b, L, E) array at time t (0 where masked)."""
-        x = plgpu.load(ref.at[self.bi, t, self.cols], mask=self.e_ok & valid, other=0)
+        """(block_e,) float32 slice of a (b, L, E) array at time t (0 where masked); for walks
+        of this walk's (K, b, L, E_map) one."""
+        x = plgpu.load(self._at(ref, t), mask=self.e_ok & valid, other=0)
         return x.astype(jnp.float32)
 
     def put_row(self, ref, t, valid, x):
-        plgpu.store(ref.at[self.bi, t, self.cols], x.astype(ref.dtype), mask=self.e_ok & valid)
+        plgpu.store(self._at(ref, t), x.astype(ref.dtype), mask=self.e_ok & valid)
 
     def state_row(self, ref, t, valid):
         """(N_pad,) float32 row of a (b, L, G, N) array (B or C) at time t."""
@@ -395,6 +475,11 @@ def _row_loop(lo, hi, load, body, state, rows, prefetch: bool):
     return jax.lax.fori_loop(lo, hi, step, (state, rows))
 
 
+def _name(kernel: str, opts: Options) -> str:
+    """The kernel's name in profiles: the walk scans' carry a `_walks` suffix."""
+    return kernel if opts.walks is None else f"{kernel}_walks"
+
+
 def _compiler_params(warps: int, cfg: TritonConfig):
     return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
@@ -447,9 +532,10 @@ def _carry_in_kernel(p: _Program, x, a2, local_ref, sdt_ref, backward: bool, fas
 def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
     """Time splits: scans each segment but the last from a zero state; writes its final state
     (b * (S-1), N, E) and its summed step size (b * (S-1), E)."""
-    (u_ref, dt_ref, a2_ref, b_ref, bias_ref), (hloc_ref, sdt_ref) = split_refs(
-        refs, (True, True, True, True, opts.has_bias))
-    p = _Program(d, opts.reverse, segments=d.time_splits - 1)
+    walks = opts.walks
+    (u_ref, dt_ref, a2_ref, b_ref, bias_ref, codes_ref), (hloc_ref, sdt_ref) = split_refs(
+        refs, (True, True, True, True, opts.has_bias, walks is not None))
+    p = _Program(d, opts.reverse, segments=d.time_splits - 1, walks=walks, codes_ref=codes_ref)
     fast = cfg.fast_exp2 and not interpret
     fused = cfg.fused_fma and not interpret
     a2 = p.tile(a2_ref)
@@ -459,14 +545,18 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
 
     ahead = cfg.prefetch and cfg.prefetch_bc
 
+    def steps(c):
+        return [c * unroll + j for j in range(unroll)]
+
     def load(c):  # the per-channel rows of chunk c: (u, raw delta[, B]) per step
-        return [(p.row(u_ref, t, valid), p.row(dt_ref, t, valid))
-                + ((p.state_row(b_ref, t, valid),) if ahead else ())
-                for t, valid in (p.time(c * unroll + j) for j in range(unroll))]
+        times = p.step_times(steps(c))
+        return p.loaded([(p.shared_row(u_ref, t, valid), p.row(dt_ref, t, valid))
+                         + ((p.state_row(b_ref, t, valid),) if ahead else ())
+                         for t, valid in times[0]], times)
 
     def chunk(c, carry, rows):
         h, sum_dt = carry
-        times = [p.time(c * unroll + j) for j in range(unroll)]
+        rows, (times, _) = p.unpack(rows, steps(c))
         bvs = ([r[2] for r in rows] if ahead
                else [p.state_row(b_ref, t, v) for t, v in times])
         for (_, valid), (u, dt_raw, *_), bv in zip(times, rows, bvs, strict=True):
@@ -486,13 +576,17 @@ def _fwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
 
 def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
     carry_in = d.time_splits > 1 and cfg.kernel_carry
+    walks = opts.walks
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias,
-             opts.has_h0 or (d.time_splits > 1 and not carry_in), carry_in, carry_in)
+             opts.has_h0 or (d.time_splits > 1 and not carry_in), carry_in, carry_in,
+             walks is not None)
     refs, outs = split_refs(refs, flags)
-    u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, hloc_ref, sdt_ref = refs
-    y_ref, hlast_ref, *ck_ref = outs  # no checkpoints for a forward alone
+    (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, hloc_ref, sdt_ref,
+     codes_ref) = refs
+    # The final state only when it is returned; no checkpoints for a forward alone.
+    (y_ref, hlast_ref), ck_ref = split_refs(outs, (True, opts.has_dh_last))
     ck_ref = ck_ref[0] if ck_ref else None
-    p = _Program(d, opts.reverse)
+    p = _Program(d, opts.reverse, walks=walks, codes_ref=codes_ref)
     fast = cfg.fast_exp2 and not interpret
     fused = cfg.fused_fma and not interpret
     a2 = p.tile(a2_ref)  # A * log2(e), (N_pad, block_e)
@@ -513,19 +607,23 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     def load_bc(t, valid):
         return p.state_row(b_ref, t, valid), p.state_row(c_ref, t, valid)
 
+    def steps(c):
+        return [c * unroll + j for j in range(unroll)]
+
     def load(c):  # the per-channel rows of chunk c: (u, raw delta, z[, (B, C)]) per step
+        times = p.step_times(steps(c))
         rows = []
-        for j in range(unroll):
-            t, valid = p.time(c * unroll + j)
-            rows.append((p.row(u_ref, t, valid), p.row(dt_ref, t, valid),
-                         p.row(z_ref, t, valid) if z_ref is not None else None)
+        for t, valid in times[0]:
+            rows.append((p.shared_row(u_ref, t, valid), p.row(dt_ref, t, valid),
+                         p.shared_row(z_ref, t, valid) if z_ref is not None else None)
                         + ((load_bc(t, valid),) if ahead else ()))
-        return rows
+        return p.loaded(rows, times)
 
     def chunk(c, h, rows):
-        times = [p.time(c * unroll + j) for j in range(unroll)]
+        rows, (times, outs) = p.unpack(rows, steps(c))
         bcs = [r[3] for r in rows] if ahead else [load_bc(t, v) for t, v in times]
-        for (t, valid), (u, dt_raw, z, *_), (bv, cv) in zip(times, rows, bcs, strict=True):
+        for (_, valid), (u, dt_raw, z, *_), (bv, cv), (t_out, valid_out) in zip(
+                times, rows, bcs, outs, strict=True):
             dt, _ = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             h, _ = _advance(h, dt, u, bv, a2, fast, fused)
             y = jnp.sum(h * cv[:, None], axis=0)
@@ -533,8 +631,12 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
                 y = y + dvec * u
             if z is not None:
                 y = y * (z * sigmoid(z))
-            p.put_row(y_ref, t, valid, y)
+            p.put_row(y_ref, t_out, valid_out, y)
         return h
+
+    if walks is not None and walks.shift:  # no step's output lands on the first position
+        first = True if p.is_first is None else p.is_first
+        p.put_row(y_ref, p.time(0)[0], first, jnp.zeros((d.block_e,), jnp.float32))
 
     def interval(k, carry):
         h, rows = carry
@@ -545,7 +647,8 @@ def _fwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
 
     rows = load(p.k0 * per_interval) if cfg.prefetch else None
     h, _ = jax.lax.fori_loop(p.k0, p.k_end, interval, (h, rows))
-    p.put_tile(hlast_ref, h, p.bi, when=p.is_last)
+    if hlast_ref is not None:
+        p.put_tile(hlast_ref, h, p.bi, when=p.is_last)
 
 
 def _fwd_summaries(opts: Options, args: Normalised, d: _Dims, a2t):
@@ -554,11 +657,12 @@ def _fwd_summaries(opts: Options, args: Normalised, d: _Dims, a2t):
     b, s, n, e = d.batch, d.time_splits, d.state, d.channels
     cfg: TritonConfig = opts.backend_config
     f32 = jnp.float32
-    ins = [x for x in (args.u, args.delta, a2t, args.B, args.delta_bias) if x is not None]
+    ins = [x for x in (args.u, args.delta, a2t, args.B, args.delta_bias, args.walk_codes)
+           if x is not None]
     out_shape = (jax.ShapeDtypeStruct((b * (s - 1), n, e), f32),
                  jax.ShapeDtypeStruct((b * (s - 1), e), f32))
     return _call(_fwd_summary_kernel, d, opts, out_shape, s - 1, cfg.fwd_warps,
-                 "selective_scan_fwd_summary")(*ins)
+                 _name("selective_scan_fwd_summary", opts))(*ins)
 
 
 def _segment_starts(d: _Dims, a2t, h0t, h_loc, sum_dt):
@@ -571,12 +675,13 @@ def _segment_starts(d: _Dims, a2t, h0t, h_loc, sum_dt):
 
 
 def forward(opts: Options, args: Normalised, residual: bool = True):
-    """Returns y (b, L, E) in u's dtype, the final state (b, E, N) float32 and the residual
-    (checkpoints (b, L/K, N, E) float32). Without `residual` (a forward alone) no checkpoints
-    are written (None is returned), and the time splits are `fwd_only_time_splits`'."""
+    """Returns y (b, L, E) in u's dtype, the final state (b, E, N) float32 (zeros, not written,
+    unless `opts.has_dh_last`) and the residual (checkpoints (b, L/K, N, E) float32). Without
+    `residual` (a forward alone) no checkpoints are written (None is returned), and the time
+    splits are `fwd_only_time_splits`'."""
     cfg: TritonConfig = opts.backend_config
     d = _dims(args, cfg.block_e, cfg, forward_only=not residual)
-    b, length, e = args.u.shape
+    b, length, e = _rows_shape(args)
     a2t = (args.A * LOG2E).T  # (N, E)
     h0t = None if args.h0 is None else jnp.swapaxes(args.h0, 1, 2)  # (b, N, E)
     summaries = (None, None)
@@ -585,15 +690,20 @@ def forward(opts: Options, args: Normalised, residual: bool = True):
         if not cfg.kernel_carry:
             h0t, summaries = _segment_starts(d, a2t, h0t, *summaries), (None, None)
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
-                       args.delta_bias, h0t, *summaries) if x is not None]
+                       args.delta_bias, h0t, *summaries, args.walk_codes) if x is not None]
     f32 = jnp.float32
-    out_shape = (jax.ShapeDtypeStruct((b, length, e), args.u.dtype),
-                 jax.ShapeDtypeStruct((b, d.state, e), f32))
+    out_shape = (jax.ShapeDtypeStruct(_per_channel_shape(args, d), args.u.dtype),)
+    if opts.has_dh_last:
+        out_shape += (jax.ShapeDtypeStruct((b, d.state, e), f32),)
     if residual:
         out_shape += (jax.ShapeDtypeStruct((b, d.n_intervals, d.state, e), f32),)
-    y, hlast_t, *ck = _call(_fwd_kernel, d, opts, out_shape, d.time_splits, cfg.fwd_warps,
-                            "selective_scan_fwd")(*ins)
-    return y, jnp.swapaxes(hlast_t, 1, 2), ck[0] if ck else None
+    y, *outs = _call(_fwd_kernel, d, opts, out_shape, d.time_splits, cfg.fwd_warps,
+                     _name("selective_scan_fwd", opts))(*ins)
+    h_last = (jnp.swapaxes(outs.pop(0), 1, 2) if opts.has_dh_last
+              else unreturned_final_state(b, e, d.state))
+    if opts.walks is not None:
+        y = reduce_walks(y, args, opts.walks)
+    return y, h_last, outs[0] if outs else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,9 +714,13 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
     """Time splits: walks each segment but the first back from a zero adjoint; writes the
     adjoint at its start (b * (S-1), N, E) and its summed step size (b * (S-1), E). It holds one
     tile like the forward, so it walks in the forward's chunks."""
-    (dt_ref, a2_ref, c_ref, z_ref, bias_ref, dy_ref), (gloc_ref, sdt_ref) = split_refs(
-        refs, (True, True, True, opts.has_z, opts.has_bias, True))
-    p = _Program(d, opts.reverse, segments=d.time_splits - 1, first_segment=1)
+    walks = opts.walks
+    weighted = walks is not None and walks.weighted
+    (dt_ref, a2_ref, c_ref, z_ref, bias_ref, dy_ref, codes_ref, weights_ref), (
+        gloc_ref, sdt_ref) = split_refs(refs, (True, True, True, opts.has_z, opts.has_bias, True,
+                                               walks is not None, weighted))
+    p = _Program(d, opts.reverse, segments=d.time_splits - 1, first_segment=1, walks=walks,
+                 codes_ref=codes_ref, weights_ref=weights_ref)
     fast = cfg.fast_exp2 and not interpret
     fused = cfg.fused_fma and not interpret
     a2 = p.tile(a2_ref)
@@ -615,17 +729,18 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
     per_interval = d.interval // unroll
     last = p.k_end * per_interval - 1  # the segment's last chunk, walked first
 
-    def steps(i):  # (time, valid) of each step of the i-th chunk back from the segment end
-        return [p.time((last - i) * unroll + j) for j in range(unroll)]
+    def steps(i):  # the steps of the i-th chunk back from the segment end
+        return [(last - i) * unroll + j for j in range(unroll)]
 
     def load(i):  # its per-channel rows: (raw delta, dy, z) per step
-        return [(p.row(dt_ref, t, valid), p.row(dy_ref, t, valid),
-                 p.row(z_ref, t, valid) if z_ref is not None else None)
-                for t, valid in steps(i)]
+        times, outs = p.step_times(steps(i))
+        return p.loaded([(p.row(dt_ref, t, valid), p.dy_row(dy_ref, *out),
+                          p.shared_row(z_ref, t, valid) if z_ref is not None else None)
+                         for (t, valid), out in zip(times, outs, strict=True)], (times, outs))
 
     def chunk(i, carry, rows):
         g_next, sum_dt = carry
-        times = steps(i)
+        rows, (times, _) = p.unpack(rows, steps(i))
         cvs = [p.state_row(c_ref, t, v) for t, v in times]
         for j in reversed(range(unroll)):
             (_, valid), (dt_raw, dy, z), cv = times[j], rows[j], cvs[j]
@@ -647,16 +762,19 @@ def _bwd_summary_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, inter
 
 def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bool):
     carry_in = d.time_splits > 1 and cfg.bwd_kernel_carry
+    walks = opts.walks
+    weighted = walks is not None and walks.weighted
     flags = (True, True, True, True, True, opts.has_D, opts.has_z, opts.has_bias, True, True,
-             opts.has_dh_last or (d.time_splits > 1 and not carry_in), carry_in, carry_in)
+             opts.has_dh_last or (d.time_splits > 1 and not carry_in), carry_in, carry_in,
+             walks is not None, weighted)
     refs, outs = split_refs(refs, flags)
     (u_ref, dt_ref, a2_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, ck_ref, dy_ref, dhl_ref,
-     gloc_ref, sdt_ref) = refs
+     gloc_ref, sdt_ref, codes_ref, weights_ref) = refs
     oflags = (True, True, opts.has_z, True, True, True, opts.has_D, opts.has_bias, True,
-              True)
-    (du_ref, ddt_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, dh0_ref, sub_ref), _ = (
-        split_refs(outs, oflags))
-    p = _Program(d, opts.reverse)
+              True, weighted)
+    (du_ref, ddt_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, dh0_ref, sub_ref,
+     dw_ref), _ = split_refs(outs, oflags)
+    p = _Program(d, opts.reverse, walks=walks, codes_ref=codes_ref, weights_ref=weights_ref)
     fast = cfg.fast_exp2 and not interpret
     fused = cfg.fused_fma and not interpret
     unroll = cfg.bwd_unroll
@@ -671,18 +789,22 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     zeros_row = jnp.zeros((d.block_e,), jnp.float32)
     barrier = (lambda: None) if interpret else plgpu.debug_barrier
 
+    def steps(q):
+        return [q * unroll + i for i in range(unroll)]
+
     def load(q, with_grads=True):  # per-channel rows of sub-chunk q: (u, raw delta, dy, z)
+        times, outs = p.step_times(steps(q))
         rows = []
-        for i in range(unroll):
-            t, valid = p.time(q * unroll + i)
-            rows.append((p.row(u_ref, t, valid), p.row(dt_ref, t, valid),
-                         p.row(dy_ref, t, valid) if with_grads else None,
-                         p.row(z_ref, t, valid) if with_grads and z_ref is not None else None))
-        return rows
+        for (t, valid), out in zip(times, outs, strict=True):
+            rows.append((p.shared_row(u_ref, t, valid), p.row(dt_ref, t, valid),
+                         p.dy_row(dy_ref, *out, weigh=False) if with_grads else None,
+                         p.shared_row(z_ref, t, valid) if with_grads and z_ref is not None
+                         else None))
+        return p.loaded(rows, (times, outs))
 
     def sub_forward(j, h, rows, k):  # pass 1: the state at every sub-chunk start of interval k
         q = k * n_sub + j
-        times = [p.time(q * unroll + i) for i in range(unroll)]
+        rows, (times, _) = p.unpack(rows, steps(q))
         bvs = [p.state_row(b_ref, t, v) for t, v in times]
         plgpu.store(p.scratch_ref(sub_ref, slot, j), h)
         for (_, valid), (u, dt_raw, _, _), bv in zip(times, rows, bvs, strict=True):
@@ -691,28 +813,35 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         return h
 
     def sub_backward(q, j, carry, rows):  # pass 2: one sub-chunk, its steps in reverse
-        g_next, da, dd, dbias = carry
-        times = [p.time(q * unroll + i) for i in range(unroll)]
+        g_next, da, dd, dbias, *dw = carry  # dw: the weight's gradient (walks.weighted)
+        rows, (times, _) = p.unpack(rows, steps(q))
         bcs = [(p.state_row(b_ref, t, v), p.state_row(c_ref, t, v)) for t, v in times]
         h = (plgpu.load(p.scratch_ref(sub_ref, slot, j)) if n_sub > 1
              else p.tile(ck_ref, p.bi, q))
-        hs, steps = [h], []
+        hs, recomputed = [h], []
         for (_, valid), (u, dt_raw, _, _), (bv, _) in zip(times, rows, bcs, strict=True):
             dt, slope = _step_size(dt_raw, bias, opts, p.e_ok & valid, cfg, fast)
             h, a = _advance(hs[-1], dt, u, bv, a2, fast, fused)
             hs.append(h)
-            steps.append((dt, slope, a if cfg.keep_decay else None))
+            recomputed.append((dt, slope, a if cfg.keep_decay else None))
         for i in reversed(range(unroll)):
             (t, valid), (u, _, dy, z), (bv, cv) = times[i], rows[i], bcs[i]
-            dt, slope, a = steps[i]
+            dt, slope, a = recomputed[i]
             h, h_prev = hs[i + 1], hs[i]
-            if z is not None:
-                sz = sigmoid(z)
+            if weighted:  # this walk's output times the summed output's cotangent
+                dy_sum, dy = dy, dy * p.weight
+            if z is not None or weighted:
                 y_core = jnp.sum(h * cv[:, None], axis=0)
                 if dvec is not None:
                     y_core = y_core + dvec * u
+            if z is not None:
+                sz = sigmoid(z)
                 p.put_row(dz_ref, t, valid, dy * y_core * sz * (1.0 + z * (1.0 - sz)))
                 dy = dy * z * sz
+                if weighted:
+                    dw = [dw[0] + dy_sum * y_core * z * sz]
+            elif weighted:
+                dw = [dw[0] + dy_sum * y_core]
             g = _fma(*_tile_args(cv, dy), g_next, fused)
             if a is None:
                 a = _exp2(dt[None, :] * a2, fast)
@@ -737,7 +866,7 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
             dst = (p.bi, t, p.group, local_blk, p.rows)
             plgpu.store(db_ref.at[dst], db, mask=p.n_ok & valid)
             plgpu.store(dc_ref.at[dst], dc, mask=p.n_ok & valid)
-        return g_next, da, dd, dbias
+        return g_next, da, dd, dbias, *dw
 
     def interval(kr, carry):
         acc, rows = carry  # rows: the prefetched rows of the next sub-chunk to walk back
@@ -770,8 +899,9 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
     if carry_in:
         g0 = _carry_in_kernel(p, g0, a2, gloc_ref, sdt_ref, True, fast, fused)
     first_rows = load(p.k_end * n_sub - 1) if cfg.prefetch else None  # the segment's last
-    (g, da, dd, dbias), _ = jax.lax.fori_loop(
-        0, d.seg_intervals, interval, ((g0, zeros_tile, zeros_row, zeros_row), first_rows))
+    acc = (g0, zeros_tile, zeros_row, zeros_row) + ((zeros_row,) if weighted else ())
+    (g, da, dd, dbias, *dw), _ = jax.lax.fori_loop(0, d.seg_intervals, interval,
+                                                   (acc, first_rows))
     p.put_tile(dh0_ref, g, p.bi, when=p.is_first)
     # Accumulators: one slot per (batch row, segment), summed in JAX.
     p.put_tile(da_ref, da, p.slot)
@@ -779,6 +909,8 @@ def _bwd_kernel(*refs, d: _Dims, opts: Options, cfg: TritonConfig, interpret: bo
         p.put_vec(dd_ref, dd, p.slot)
     if dbias_ref is not None:
         p.put_vec(dbias_ref, dbias, p.slot)
+    if dw_ref is not None:
+        p.put_vec(dw_ref, dw[0], p.slot)
 
 
 def _bwd_summaries(opts: Options, args: Normalised, d: _Dims, a2t, dy):
@@ -787,11 +919,12 @@ def _bwd_summaries(opts: Options, args: Normalised, d: _Dims, a2t, dy):
     b, s, n, e = d.batch, d.time_splits, d.state, d.channels
     cfg: TritonConfig = opts.backend_config
     f32 = jnp.float32
-    ins = [x for x in (args.delta, a2t, args.C, args.z, args.delta_bias, dy) if x is not None]
+    ins = [x for x in (args.delta, a2t, args.C, args.z, args.delta_bias, dy, args.walk_codes,
+                       args.weights) if x is not None]
     out_shape = (jax.ShapeDtypeStruct((b * (s - 1), n, e), f32),
                  jax.ShapeDtypeStruct((b * (s - 1), e), f32))
     return _call(_bwd_summary_kernel, d, opts, out_shape, s - 1, cfg.bwd_warps,
-                 "selective_scan_bwd_summary")(*ins)
+                 _name("selective_scan_bwd_summary", opts))(*ins)
 
 
 def _segment_end_adjoints(d: _Dims, a2t, dhl_t, g_loc, sum_dt):
@@ -809,7 +942,7 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     """Gradients w.r.t. every normalised argument (float32; the glue casts them)."""
     cfg: TritonConfig = opts.backend_config
     d = _dims(args, cfg.bwd_block_e, cfg)
-    b, length, e = args.u.shape
+    b, length, e = _rows_shape(args)
     n, g = d.state, d.groups
     slots = b * d.time_splits  # (batch row, segment) pairs
     n_blocks = g * d.blocks_per_group
@@ -821,13 +954,15 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
         if not cfg.bwd_kernel_carry:
             dhl_t, summaries = _segment_end_adjoints(d, a2t, dhl_t, *summaries), (None, None)
     ins = [x for x in (args.u, args.delta, a2t, args.B, args.C, args.D, args.z,
-                       args.delta_bias, ck, dy, dhl_t, *summaries) if x is not None]
+                       args.delta_bias, ck, dy, dhl_t, *summaries, args.walk_codes,
+                       args.weights) if x is not None]
     f32 = jnp.float32
     n_sub = d.interval // cfg.bwd_unroll
     sds = jax.ShapeDtypeStruct
-    out_shape = [sds((b, length, e), args.u.dtype), sds((b, length, e), args.delta.dtype)]
+    rows = _per_channel_shape(args, d)
+    out_shape = [sds(rows, args.u.dtype), sds(rows, args.delta.dtype)]
     if args.z is not None:
-        out_shape.append(sds((b, length, e), args.z.dtype))
+        out_shape.append(sds(rows, args.z.dtype))
     out_shape += [sds((b, length, g, d.blocks_per_group, n), f32)] * 2
     out_shape.append(sds((slots, n, e), f32))
     if args.D is not None:
@@ -837,17 +972,26 @@ def backward(opts: Options, args: Normalised, ck, dy, dh_last) -> Grads:
     out_shape.append(sds((b, n, e), f32))
     out_shape.append(sds((slots * n_blocks if n_sub > 1 else 1, n_sub, d.state_pad, d.block_e),
                          f32))
+    if args.weights is not None:
+        out_shape.append(sds((slots, e), f32))
     outs = list(_call(_bwd_kernel, d, opts, tuple(out_shape), d.time_splits, cfg.bwd_warps,
-                      "selective_scan_bwd")(*ins))
+                      _name("selective_scan_bwd", opts))(*ins))
     du, ddelta = outs.pop(0), outs.pop(0)
     dz = outs.pop(0) if args.z is not None else None
     db_part, dc_part, da_part = outs.pop(0), outs.pop(0), outs.pop(0)
     dD = outs.pop(0).sum(0) if args.D is not None else None
     dbias = outs.pop(0).sum(0) if args.delta_bias is not None else None
     dh0_t = outs.pop(0)
+    dw = None
+    if opts.walks is not None:  # u and z are shared by the walks: their gradients add up
+        du = sum_over_walks(du)
+        dz = None if dz is None else sum_over_walks(dz)
+        if args.weights is not None:  # per (row, segment) and channel -> per (row, walk)
+            dw = outs[1].reshape(b, d.time_splits, g, d.group_width).sum((1, 3))
     return Grads(
         u=du, delta=ddelta, A=da_part.sum(0).T, B=db_part.sum(3), C=dc_part.sum(3), D=dD,
-        z=dz, delta_bias=dbias, h0=None if args.h0 is None else jnp.swapaxes(dh0_t, 1, 2))
+        z=dz, delta_bias=dbias, h0=None if args.h0 is None else jnp.swapaxes(dh0_t, 1, 2),
+        weights=dw)
 
 
 def unsupported_reason(batch: int, length: int, channels: int, state: int,

@@ -7,6 +7,10 @@ central differences of the NumPy loop. On CPU both kernels (Triton-lowered GPU
 kernel, Mosaic TPU kernel) run in Pallas interpret mode on tiny shapes; the same checks run
 compiled on a GPU with `pytest -m gpu`. Cross-lowering tests run each kernel's lowering rules
 for its platform (no device needed).
+
+The walk kernels (`selective_scan_walks`, scans along the walks of a 2-D map) are checked the
+same way against `reference_walks.numpy_walk_scan` (float64 NumPy) and against the layout path
+of `selective_scan_2d` (permutations and the sequential scan, in float64).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_walks import numpy_walk_scan, random_walk_inputs
 
 import kernels_pallas
+from kernels_pallas import WALK_NAMES
 from kernels_pallas.mosaic_scan import MosaicConfig
 from kernels_pallas.triton_scan import (
     TritonConfig,
@@ -26,7 +32,8 @@ from kernels_pallas.triton_scan import (
     auto_forward_time_splits,
     auto_time_splits,
 )
-from mmx_jax.ssm import selective_scan, selective_scan_sequential
+from mmx_jax.ssm import selective_scan, selective_scan_2d, selective_scan_sequential
+from mmx_jax.ssm.scan_orders import scan_order
 
 
 def enable_x64():
@@ -333,6 +340,178 @@ def test_bad_arguments_name_the_argument(rng):
 
 
 # ---------------------------------------------------------------------------------------------
+# Walks of a 2-D map (`selective_scan_walks`), interpret mode on CPU.
+
+WALK_CONFIGS = {
+    "triton": SMALL_CONFIGS["triton"],
+    # 3 segments: L = 12 or 15 steps in segments of 2 checkpoint intervals of 2 steps, the last
+    # one partly (15) or wholly (12) padding.
+    "triton_split3": TIME_SPLIT_CONFIGS["triton_split3"],
+    "mosaic": MosaicConfig(block_t=4),  # checkpoints every 3 (L = 15) or 4 (L = 12) steps
+}
+# name: map (b, H, W, E, N), walks (names: fixed; an int: that many slots per sample picked
+# from all 8), options, dtype. Widths of 20 and 24 leave a partial 16-channel Triton block.
+WALK_CASES = [
+    ("cross_scan", (2, 3, 5, 20, 4), ("row", "col", "row_rev", "col_rev"),
+     dict(D=True, bias=True, softplus=True), "float32"),
+    ("snakes_per_walk_gate", (1, 5, 3, 24, 5), ("snake_row", "snake_col_rev", "col"),
+     dict(z=True, bias=True, summed=False), "float32"),
+    ("qs_per_sample_weighted", (2, 4, 3, 16, 4), 4,
+     dict(D=True, z=True, bias=True, softplus=True, shift=True, weighted=True), "float32"),
+    ("every_walk_bf16", (1, 3, 4, 16, 4), WALK_NAMES,
+     dict(D=True, z=True, bias=True, softplus=True, shift=True), "bfloat16"),
+]
+
+
+def make_walk_case(rng, shape, walks, opts, dtype):
+    """(kernel arguments, walk names of every sample, selective_scan_2d keywords)."""
+    b, h, w, e, n = shape
+    if isinstance(walks, int):
+        index = rng.integers(0, len(WALK_NAMES), size=(b, walks))
+        names = [[WALK_NAMES[i] for i in row] for row in index]
+    else:
+        index, names = None, [list(walks)] * b
+    k = len(names[0])
+    softplus = bool(opts.get("softplus"))
+    arrays = random_walk_inputs(rng, b, h, w, e, n, k, softplus=softplus,
+                                D=bool(opts.get("D")), z=bool(opts.get("z")),
+                                bias=bool(opts.get("bias")))
+    if opts.get("weighted"):
+        arrays["weights"] = rng.uniform(0.1, 1.0, size=(b, k))
+    low = jnp.dtype(dtype)
+    args = {name: jnp.asarray(x, low if name in ("u", "delta", "B", "C", "z") else jnp.float32)
+            for name, x in arrays.items()}
+    table = np.array([kernels_pallas.walk_code(name) for name in WALK_NAMES], np.int32)
+    codes = table[index] if index is not None else table[[WALK_NAMES.index(x) for x in walks]][None]
+    static = dict(delta_softplus=softplus, shift=bool(opts.get("shift")),
+                  summed=opts.get("summed", True))
+    scan_2d = dict(walks=WALK_NAMES if index is not None else tuple(walks),
+                   walk_index=None if index is None else jnp.asarray(index))
+    return args, jnp.asarray(codes), names, static, scan_2d
+
+
+WALK_GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "weights")
+
+
+def check_walk_case(rng, backend, shape, walks, opts, dtype, config=None, interpret=True):
+    """Values (with and without differentiation) against the float64 NumPy walks, every
+    gradient element by element against the float64 layout path (permutations, the
+    sequential scan and JAX autodiff: no kernel code), and each along a random direction
+    against float64 central differences of the NumPy walks."""
+    args, codes, names, static, scan_2d = make_walk_case(rng, shape, walks, opts, dtype)
+    grad_names = [k for k in WALK_GRAD_ARGS if k in args]
+    primals = [args[k] for k in grad_names]
+
+    def kernel(*xs):
+        return kernels_pallas.selective_scan_walks(
+            **dict(zip(grad_names, xs, strict=True)), walk_codes=codes, **static,
+            backend=backend, interpret=interpret, config=config)
+
+    def numpy_loss(values, cot=None):
+        y = numpy_walk_scan(**values, walk_names=names, **static)
+        return y if cot is None else float(np.sum(np.asarray(cot, np.float64) * y))
+
+    out, vjp = jax.vjp(kernel, *primals)
+    base = {k: np.asarray(p, np.float64) for k, p in zip(grad_names, primals, strict=True)}
+    ref = numpy_loss(base)
+    bf16 = jnp.dtype(dtype) == jnp.bfloat16
+    tol_y, tol_g = (1e-2, 2e-2) if bf16 else (2e-5, 1e-4)
+    for o in (out, kernel(*primals)):  # under differentiation, and the forward alone
+        assert o.dtype == jnp.dtype(dtype) and o.shape == ref.shape
+        assert rel_err(o, ref) < tol_y
+    cot = jnp.asarray(rng.standard_normal(out.shape), out.dtype)
+    grads = vjp(cot)
+    for name, g, p in zip(grad_names, grads, primals, strict=True):
+        assert g.shape == p.shape and g.dtype == p.dtype, (name, g.shape, g.dtype)
+
+    with enable_x64():
+        f64 = [jnp.asarray(base[k]) for k in grad_names]
+        _, vjp64 = jax.vjp(lambda *xs: selective_scan_2d(
+            **dict(zip(grad_names, xs, strict=True)), **static, **scan_2d, impl="sequential"),
+            *f64)
+        ref_grads = [np.asarray(g) for g in vjp64(jnp.asarray(np.asarray(cot, np.float64)))]
+    for name, g, r in zip(grad_names, grads, ref_grads, strict=True):
+        err = rel_err(g, r)
+        assert err < tol_g, f"gradient w.r.t. {name}: relative error {err:.2e}"
+
+    for name, g in zip(grad_names, grads, strict=True):
+        v = rng.standard_normal(base[name].shape)
+        eps = 1e-6 * max(1.0, float(np.abs(base[name]).max()))
+        fd = (numpy_loss({**base, name: base[name] + eps * v}, cot)
+              - numpy_loss({**base, name: base[name] - eps * v}, cot)) / (2 * eps)
+        gv = np.asarray(g, np.float64) * v
+        err = abs(float(gv.sum()) - fd) / max(float(np.sqrt(np.sum(gv**2))), 1e-30)
+        assert err < 10 * tol_g, f"d/d{name} along a random direction: error {err:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(WALK_CONFIGS))
+@pytest.mark.parametrize("name,shape,walks,opts,dtype", WALK_CASES, ids=[c[0] for c in WALK_CASES])
+def test_walks_interpret_match_references(rng, backend, name, shape, walks, opts, dtype):
+    check_walk_case(rng, backend.split("_")[0], shape, walks, opts, dtype,
+                    config=WALK_CONFIGS[backend])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_walks_interpret_default_config(rng, backend):
+    """The default unrolls and blocks (one block holds every channel here), once: per-sample
+    walks, the shift and the weighted sum."""
+    check_walk_case(rng, backend, (2, 3, 4, 8, 4), 3,
+                    dict(D=True, z=True, bias=True, softplus=True, shift=True, weighted=True),
+                    "float32")
+
+
+def test_walk_positions_are_the_scan_orders():
+    """The kernels' index arithmetic visits the map in the orders of `scan_orders`, for every
+    walk and for maps of one row, one column, odd sides and H != W."""
+    for h, w in [(1, 1), (1, 6), (7, 1), (3, 5), (5, 3), (4, 4), (2, 9)]:
+        steps = jnp.arange(h * w)
+        for name in kernels_pallas.WALK_NAMES:
+            got = np.asarray(kernels_pallas.walk_position(kernels_pallas.walk_code(name), steps,
+                                                          h, w))
+            np.testing.assert_array_equal(got, scan_order(name, h, w), err_msg=f"{name} {h}x{w}")
+
+
+def test_dispatcher_2d_pallas_on_cpu(rng):
+    """selective_scan_2d(impl="pallas") runs the walk kernels (interpret mode) and agrees with
+    its layout path."""
+    args, _, _, static, scan_2d = make_walk_case(
+        rng, (2, 3, 4, 8, 4), 2, dict(D=True, bias=True, softplus=True, weighted=True),
+        "float32")
+    y = selective_scan_2d(**args, **static, **scan_2d, impl="pallas")
+    ref = selective_scan_2d(**args, **static, **scan_2d, impl="sequential")
+    assert rel_err(y, ref) < 2e-5
+
+
+def test_walks_bad_arguments_name_the_argument(rng):
+    args, codes, _, static, _ = make_walk_case(rng, (2, 3, 4, 8, 4), ("row", "col"),
+                                               dict(D=True), "float32")
+    with pytest.raises(ValueError, match="'delta'"):
+        kernels_pallas.selective_scan_walks(**{**args, "delta": args["delta"][:, :, :2]},
+                                            walk_codes=codes, interpret=True)
+    with pytest.raises(ValueError, match="'walk_codes'"):
+        kernels_pallas.selective_scan_walks(**args, walk_codes=codes[:, :1], interpret=True)
+    with pytest.raises(ValueError, match="summed=True"):
+        kernels_pallas.selective_scan_walks(**args, walk_codes=codes, summed=False,
+                                            weights=jnp.ones((2, 2)), interpret=True)
+
+
+def test_unsupported_walks_reason():
+    stage = dict(batch=128, height=28, width=28, channels=384, walks=4, state=16)
+    assert kernels_pallas.unsupported_walks_reason("gpu", **stage) is None
+    assert kernels_pallas.unsupported_walks_reason("tpu", **stage) is None
+    # ViM2-T's first stage: a 56x56 map of 192 channels (one block) is above the VMEM budget.
+    first = dict(stage, height=56, width=56, channels=192)
+    assert kernels_pallas.unsupported_walks_reason("gpu", **first) is None
+    assert "VMEM" in kernels_pallas.unsupported_walks_reason("tpu", **first)
+    assert kernels_pallas.unsupported_walks_reason("tpu", **dict(first, height=28,
+                                                                 width=28)) is None
+    assert "state" in kernels_pallas.unsupported_walks_reason("gpu", **dict(stage, state=128))
+    assert kernels_pallas.unsupported_walks_reason("cpu", **stage)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cross-lowering: each kernel's lowering rules run for its own platform on this CPU.
 
 
@@ -359,6 +538,25 @@ def test_forward_and_backward_lower_for_their_platform(rng, backend, platform, m
     # The forward alone (no checkpoint output) lowers too.
     text = jax.jit(loss).trace(*xs).lower(lowering_platforms=(platform,)).as_text()
     assert marker in text
+
+
+@pytest.mark.parametrize("backend,platform,marker", [
+    ("triton", "cuda", "__gpu$xla.gpu.triton"),
+    ("mosaic", "tpu", "tpu_custom_call"),
+])
+@pytest.mark.parametrize("shift,weighted", [(True, True), (False, False)])
+def test_walk_forward_and_backward_lower_for_their_platform(backend, platform, marker, shift,
+                                                            weighted):
+    """The walk kernels lower for their platform: TPU blocks of 128 channels of one walk out
+    of the (K, b, L, E) arrays, the walk table and weights in SMEM; and (below) blocks of a
+    whole 192-channel walk, as at ViM2-T's first stage."""
+    for shape in ((2, 3, 5, 128, 3, 16), (2, 3, 5, 192, 2, 16)):
+        loss, xs = walk_loss_and_shapes(backend, shift=shift, weighted=weighted, shape=shape)
+        text = jax.jit(jax.grad(loss, argnums=tuple(range(9)))).trace(*xs).lower(
+            lowering_platforms=(platform,)).as_text()
+        assert text.count(marker) >= 2, f"expected a forward and a backward {marker} call"
+        text = jax.jit(loss).trace(*xs).lower(lowering_platforms=(platform,)).as_text()
+        assert marker in text
 
 
 @pytest.mark.parametrize("batch,grid", [(7, (2, 7)), (70000, (70000, 2))])
@@ -402,18 +600,19 @@ def test_triton_auto_time_splits_shape_the_grid():
     grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+)", text)
     assert sorted(tuple(map(int, g)) for g in grids) == [(48, 56)] * 2 + [(48, 64)] * 2, grids
     # The forward alone: 5 segments (8 x 5 and 8 x 4 (row, segment) pairs), and its main
-    # kernel writes y and the final state only.
+    # kernel writes y only (no checkpoints, and the final state is not asked for).
     text = jax.jit(loss).trace(*xs).lower(lowering_platforms=("cuda",)).as_text()
     grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+)", text)
     assert sorted(tuple(map(int, g)) for g in grids) == [(48, 32), (48, 40)], grids
     calls = [line for line in text.splitlines() if "selective_scan_fwd" in line
              and "custom_call" in line and "summary" not in line]
-    assert len(calls) == 1 and calls[0].split("->")[-1].count("tensor<") == 2, calls
+    assert len(calls) == 1 and calls[0].split("->")[-1].count("tensor<") == 1, calls
 
 
-def test_triton_modules_verify(rng, monkeypatch):
-    """The Triton IR that the GPU would parse passes MLIR verification (ill-typed ops built by
-    the lowering otherwise surface only on the GPU). Uses a private JAX hook: skips without."""
+@pytest.fixture
+def triton_modules(monkeypatch):
+    """The Triton modules lowered while the test runs, in order (a list filled as they come).
+    Uses a private JAX hook: skips without."""
     try:
         from jax._src.pallas.triton import pallas_call_registration as registration  # noqa: PLC0415
         lower = registration.lowering.lower_jaxpr_to_triton_module
@@ -427,6 +626,21 @@ def test_triton_modules_verify(rng, monkeypatch):
         return result
 
     monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
+    return modules
+
+
+def verify_modules(modules) -> list[str]:
+    """MLIR verification of every module; returns their kernel names."""
+    for module in modules:
+        with module.context:
+            assert module.operation.verify()
+    return [str(module.operation.attributes["sym_name"]).strip('"') for module in modules]
+
+
+def test_triton_modules_verify(rng, triton_modules):
+    """The Triton IR that the GPU would parse passes MLIR verification (ill-typed ops built by
+    the lowering otherwise surface only on the GPU)."""
+    modules = triton_modules
     # Time splits add the two summary kernels and make the main kernels' loops segment-aware.
     configs = (TritonConfig(time_splits=1), SMALL_CONFIGS["triton"],
                TritonConfig(prefetch=False, time_splits=1),
@@ -454,15 +668,57 @@ def test_triton_modules_verify(rng, monkeypatch):
     for fwd_only in (1, 3):
         jax.jit(functools.partial(loss, config=TritonConfig(fwd_only_time_splits=fwd_only))
                 ).trace(*xs).lower(lowering_platforms=("cuda",))
-    names = [str(module.operation.attributes["sym_name"]).strip('"') for module in modules]
+    names = verify_modules(modules)
     whole, split = ["selective_scan_fwd", "selective_scan_bwd"], [
         "selective_scan_fwd_summary", "selective_scan_fwd", "selective_scan_bwd_summary",
         "selective_scan_bwd"]
     alone = ["selective_scan_fwd", "selective_scan_fwd_summary", "selective_scan_fwd"]
     assert names == whole * 3 + split * 4 + alone, names
-    for module in modules:
-        with module.context:
-            assert module.operation.verify()
+
+
+def walk_loss_and_shapes(backend, *, shift, weighted, summed=True, config=None,
+                         shape=(2, 3, 5, 128, 3, 16)):
+    """A loss over the walk kernels (bfloat16 map, every option on) for lowering without a
+    device, and the ShapeDtypeStructs of its arguments (u, delta, A, B, C, D, z, bias,
+    weights). Sample 0 walks row, col_rev and snake_col; sample 1 three others."""
+    b, h, w, e, k, n = shape
+    sds, bf16, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    xs = (sds((b, h, w, e), bf16), sds((k, b, h, w, e), bf16), sds((k, e, n), f32),
+          sds((b, h, w, k, n), bf16), sds((b, h, w, k, n), bf16), sds((k, e), f32),
+          sds((b, h, w, e), bf16), sds((k, e), f32), sds((b, k), f32))
+    codes = jnp.asarray([[0, 3, 6], [5, 4, 1]][:b], jnp.int32)[:, :k]
+
+    def loss(u, delta, A, B, C, D, z, bias, weights):
+        y = kernels_pallas.selective_scan_walks(
+            u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+            walk_codes=codes, shift=shift, summed=summed, weights=weights if weighted else None,
+            backend=backend, interpret=False, config=config)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    return loss, xs
+
+
+def test_triton_walk_modules_verify(triton_modules):
+    """The walk kernels' Triton IR (walk table and weight loads, position arithmetic, shifted
+    stores) passes MLIR verification: unsplit, in 2 and 3 time segments with both carries,
+    without prefetch; per-walk outputs; the forward alone."""
+    configs = (TritonConfig(time_splits=1), TritonConfig(time_splits=2),
+               TritonConfig(time_splits=3, prefetch=False, kernel_carry=False,
+                            bwd_kernel_carry=True))
+    for config in configs:
+        for shift, weighted, summed in ((True, True, True), (False, False, False)):
+            loss, xs = walk_loss_and_shapes("triton", shift=shift, weighted=weighted,
+                                            summed=summed, config=config,
+                                            shape=(2, 3, 5, 48, 3, 5))
+            jax.jit(jax.grad(loss, argnums=tuple(range(9)))).trace(*xs).lower(
+                lowering_platforms=("cuda",))
+    jax.jit(loss).trace(*xs).lower(lowering_platforms=("cuda",))
+    names = verify_modules(triton_modules)
+    whole = ["selective_scan_fwd_walks", "selective_scan_bwd_walks"]
+    split = ["selective_scan_fwd_summary_walks", "selective_scan_fwd_walks",
+             "selective_scan_bwd_summary_walks", "selective_scan_bwd_walks"]
+    alone = ["selective_scan_fwd_summary_walks", "selective_scan_fwd_walks"]  # 3 segments
+    assert names == whole * 2 + split * 4 + alone, names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,3 +768,24 @@ def test_gpu_batch_above_the_grid_y_limit(rng):
     assert resolve_impl("auto", ScanDims(70000, 4, 32, 16, 2)) == "pallas"
     check_case(rng, "triton", (70000, 4, 32, 16, 2), "float32",
                dict(D=True, bias=True, softplus=True), interpret=False)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("name,shape,walks,opts,dtype", WALK_CASES, ids=[c[0] for c in WALK_CASES])
+@pytest.mark.parametrize("config", ["default", "small"])
+def test_gpu_walks_match_references(rng, name, shape, walks, opts, dtype, config):
+    check_walk_case(rng, "triton", shape, walks, opts, dtype,
+                    config=None if config == "default" else SMALL_CONFIGS["triton"],
+                    interpret=False)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("time_splits", [1, 4])
+def test_gpu_walks_larger_map(rng, time_splits):
+    """A 14x9 map (126 steps: several checkpoint intervals, odd sides), 3 channel blocks per
+    walk, per-sample walks with the shift and weights (ViQS's call), in 1 and 4 segments."""
+    check_walk_case(rng, "triton", (3, 14, 9, 80, 16), 4,
+                    dict(D=True, z=True, bias=True, softplus=True, shift=True, weighted=True),
+                    "float32", config=TritonConfig(time_splits=time_splits), interpret=False)

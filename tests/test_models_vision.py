@@ -280,6 +280,107 @@ def test_the_gate_receives_gradients(rng):
     assert np.abs(np.asarray(grads.scan_gate.convs[0].kernel[...])).max() > 0
 
 
+# --- the two scan layouts ("walks" and "permuted") compute the same ---------------------------
+
+
+@nnx.jit
+def output_and_grads(module, x):
+    """module(x) and the gradients of a fixed random projection of it w.r.t. every parameter
+    (jitted: eager scans are slow)."""
+    out_shape = nnx.eval_shape(lambda m: m(x), module).shape
+    weights = jax.random.normal(jax.random.key(0), out_shape, jnp.float32)
+
+    def loss(m):
+        y = m(x)
+        return jnp.sum(y.astype(jnp.float32) * weights), y
+
+    (_, y), grads = nnx.value_and_grad(loss, has_aux=True)(module)
+    return y, jax.tree.leaves(nnx.state(grads, nnx.Param))
+
+
+def assert_same(a, b, rtol, atol=0.0):
+    """|a - b| <= rtol |b| + atol in the 2-norm."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    err, scale = np.linalg.norm(a - b), np.linalg.norm(b)
+    assert err <= rtol * scale + atol, f"error {err:.3g}, norm {scale:.3g}"
+
+
+def assert_same_grads(grads, grads_ref, rtol, global_rtol):
+    """Each parameter's gradient within `rtol` of its own norm, or within `global_rtol` of
+    the whole gradient's (a parameter whose gradient nearly vanishes, as the gate's at a 1x2
+    map, keeps only float32 noise)."""
+    total = np.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in grads_ref))
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert_same(g, g_ref, rtol, global_rtol * total)
+
+
+def assert_layouts_agree(make, x):
+    """`make(scan_layout)` twice, from the same seed: the same parameters, the same output
+    (1e-5) and the same parameter gradients (1e-4 each, or 1e-6 of the whole: the gate's go
+    through a softmax of the slots' weights, whose Jacobian cancels most of its float32
+    inputs)."""
+    walks, permuted = make("walks"), make("permuted")
+    for p, q in zip(jax.tree.leaves(nnx.state(walks, nnx.Param)),
+                    jax.tree.leaves(nnx.state(permuted, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(p, q)
+    (y, grads), (y_ref, grads_ref) = output_and_grads(walks, x), output_and_grads(permuted, x)
+    assert_same(y, y_ref, 1e-5)
+    assert_same_grads(grads, grads_ref, 1e-4, 1e-6)
+
+
+MIXERS = {
+    "cross_scan": lambda layout, **kw: CrossScanTokenMixer(
+        8, state_dim=3, scan_layout=layout, rngs=nnx.Rngs(0), **kw),
+    "switch_qs": lambda layout, **kw: SwitchOfScansTokenMixer(
+        8, state_dim=3, top_k=3, scan_layout=layout, rngs=nnx.Rngs(1), **kw),
+    "switch_one_directional": lambda layout, **kw: SwitchOfScansTokenMixer(
+        8, state_dim=3, top_k=2, quasi_separable=False, scan_layout=layout,
+        rngs=nnx.Rngs(2), **kw),
+    # QS along 5 channel groups of 4 features (ViQS's channel mixer)
+    "channel_groups_qs": lambda layout, **kw: ChannelGroupMixer(
+        10, group_size=4, state_dim=3, quasi_separable=True, scan_layout=layout,
+        rngs=nnx.Rngs(3), **kw),
+}
+#: Their inputs: odd maps with H != W (the gate's choice differing between samples), and
+#: (batch, tokens, channels) for the channel mixer.
+MIXER_INPUTS = {"channel_groups_qs": (2, 7, 10)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", list(MIXERS))
+def test_scan_layouts_agree_in_the_mixers(rng, mixer):
+    assert_layouts_agree(lambda layout: MIXERS[mixer](layout, impl="sequential"),
+                         normal(rng, *MIXER_INPUTS.get(mixer, (2, 5, 7, 8))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vim2_tiny", "viqs_tiny"])
+def test_scan_layouts_give_the_same_model(rng, name):
+    """Logits and every parameter gradient of the tiny models (float32) on 32x64 images: maps
+    of 8x16 down to 1x2."""
+    assert_layouts_agree(lambda layout: create_model(name, **TINY, scan_layout=layout),
+                         normal(rng, 2, 32, 64, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", ["cross_scan", "switch_qs", "channel_groups_qs"])
+def test_walk_kernels_in_the_mixers(rng, mixer):
+    """The mixers on the Pallas walk kernels (interpret mode) against the permuted layout path
+    on the sequential scan: outputs and parameter gradients."""
+    walks = MIXERS[mixer]("walks", impl="pallas")
+    permuted = MIXERS[mixer]("permuted", impl="sequential")
+    x = normal(rng, *{"channel_groups_qs": (2, 3, 10)}.get(mixer, (2, 3, 4, 8)))
+    (y, grads), (y_ref, grads_ref) = output_and_grads(walks, x), output_and_grads(permuted, x)
+    assert_same(y, y_ref, 2e-5)
+    assert_same_grads(grads, grads_ref, 1e-4, 1e-6)
+
+
+def test_scan_layout_is_checked():
+    with pytest.raises(ValueError, match="scan_layout='copies', wanted one of"):
+        CrossScanTokenMixer(8, scan_layout="copies", rngs=nnx.Rngs(0))
+
+
 # --- learning on real images -----------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from mmx_jax.layers.averaging import (
 )
 from mmx_jax.layers.conv import DepthwiseConv2D, depthwise_conv2d
 from mmx_jax.layers.mixers import (
+    SCAN_LAYOUTS,
     ChannelGroupMixer,
     CrossScanTokenMixer,
     SelectiveChannelMixer,
@@ -19,7 +20,8 @@ from mmx_jax.layers.mixers import (
     shift_right,
 )
 from mmx_jax.layers.s6 import S6
-from mmx_jax.layers.scans import (
+from mmx_jax.layers.switch_of_scans import ScanGate, SwitchOfScansTokenMixer
+from mmx_jax.ssm.scan_orders import (
     ALL_ORDERS,
     CROSS_SCAN,
     apply_scans,
@@ -30,11 +32,11 @@ from mmx_jax.layers.scans import (
     undo_scans,
     unscan_map,
 )
-from mmx_jax.layers.switch_of_scans import ScanGate, SwitchOfScansTokenMixer
 
 __all__ = [
     "ALL_ORDERS",
     "CROSS_SCAN",
+    "SCAN_LAYOUTS",
     "AveragingWeights",
     "ChannelGroupMixer",
     "CrossScanTokenMixer",

@@ -19,7 +19,7 @@ from flax import nnx
 
 from mmx_jax.layers.conv import DepthwiseConv2D
 from mmx_jax.layers.s6 import S6
-from mmx_jax.layers.scans import CROSS_SCAN, scan_map, unscan_map
+from mmx_jax.ssm.scan_orders import CROSS_SCAN, scan_map, unscan_map
 
 
 def causal_depthwise_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -43,6 +43,18 @@ def shift_right(y: jax.Array, axis: int = 1) -> jax.Array:
     y = jnp.moveaxis(y, axis, 0)
     y = jnp.concatenate([jnp.zeros_like(y[:1]), y[:-1]], axis=0)
     return jnp.moveaxis(y, 0, axis)
+
+
+#: How the mixers run scans along several orders: "walks" (`S6.walk_map`: `selective_scan_2d`
+#: reading the map in place) or "permuted" (the map permuted into each scan order, the 1-D
+#: scan, and back).
+SCAN_LAYOUTS = ("walks", "permuted")
+
+
+def check_scan_layout(owner: str, scan_layout: str) -> str:
+    if scan_layout not in SCAN_LAYOUTS:
+        raise ValueError(f"{owner}: scan_layout={scan_layout!r}, wanted one of {SCAN_LAYOUTS}")
+    return scan_layout
 
 
 class _GatedSelectiveMixer(nnx.Module):
@@ -74,15 +86,21 @@ class SelectiveTokenMixer(_GatedSelectiveMixer):
         that the diagonal is D alone: QS(u) = shift(SS_f(u)) + flip(shift(SS_b(flip(u)))) + D*u.
       conv_width: width of the causal depthwise conv.
       impl: selective_scan implementation.
+      scan_layout: for "quasi_separable" (`SCAN_LAYOUTS`): "walks" runs the two directions as
+        the forward and reversed walks of a 1 x L map with QS's shift (`S6.walk_map`), reading
+        the sequence in place; "permuted" stacks it with its flipped copy and shifts and flips
+        the outputs. The same result. (The other directions keep their flips: each reads its
+        own conv's output, and the walks share one input.)
     """
 
     def __init__(self, dim: int, *, expand: int = 2, state_dim: int = 16,
                  directions: int | str = 1, conv_width: int = 4, dt_rank: int | str = "auto",
-                 impl: str = "auto", dtype=None, rngs: nnx.Rngs):
+                 impl: str = "auto", scan_layout: str = "walks", dtype=None, rngs: nnx.Rngs):
         super().__init__(dim, expand=expand, dtype=dtype, rngs=rngs)
         if directions not in (1, 2, "quasi_separable"):
             raise ValueError(f"SelectiveTokenMixer: directions={directions!r}, wanted 1, 2 or "
                              "'quasi_separable'")
+        self.scan_layout = check_scan_layout(type(self).__name__, scan_layout)
         self.quasi_separable = directions == "quasi_separable"
         k = 2 if self.quasi_separable else directions
         convs = 1 if self.quasi_separable else k
@@ -104,7 +122,11 @@ class SelectiveTokenMixer(_GatedSelectiveMixer):
     def mix(self, u: jax.Array) -> jax.Array:
         lead, (length, e) = u.shape[:-2], u.shape[-2:]
         u = u.reshape(-1, length, e)
-        if self.quasi_separable:
+        if self.quasi_separable and self.scan_layout == "walks":
+            u = self._conv(u)
+            y = self.s6.walk_map(u[:, None], walks=("row", "row_rev"), shift=True)[:, 0]
+            y = y + self.D[...].astype(y.dtype) * u
+        elif self.quasi_separable:
             u = self._conv(u)
             y = self.s6(jnp.stack([u, jnp.flip(u, 1)], axis=2))
             y = shift_right(y[:, :, 0]) + jnp.flip(shift_right(y[:, :, 1]), 1)
@@ -123,22 +145,28 @@ class CrossScanTokenMixer(_GatedSelectiveMixer):
 
     A depthwise 3x3 conv on the map, then the K scans (default: VMamba's cross-scan: row-major,
     column-major and both reversed) each with their own S6 parameters, in one scan call; the
-    outputs are put back in row-major order and summed.
+    outputs are put back in row-major order and summed. `scan_layout` (`SCAN_LAYOUTS`) picks
+    how: the walks read in place ("walks", the default) or a permuted copy per scan
+    ("permuted"); both compute the same.
     """
 
     def __init__(self, dim: int, *, expand: int = 2, state_dim: int = 16,
                  scans: Sequence[str] = CROSS_SCAN, conv_size: int = 3,
-                 dt_rank: int | str = "auto", impl: str = "auto", dtype=None,
-                 rngs: nnx.Rngs):
+                 dt_rank: int | str = "auto", impl: str = "auto", scan_layout: str = "walks",
+                 dtype=None, rngs: nnx.Rngs):
         super().__init__(dim, expand=expand, dtype=dtype, rngs=rngs)
         self.scans = tuple(scans)
+        self.scan_layout = check_scan_layout(type(self).__name__, scan_layout)
         self.conv = DepthwiseConv2D(self.inner, (conv_size, conv_size), dtype=dtype, rngs=rngs)
         self.s6 = S6(self.inner, num_directions=len(self.scans), state_dim=state_dim,
                      dt_rank=dt_rank, model_dim=dim, impl=impl, dtype=dtype, rngs=rngs)
 
     def mix(self, u: jax.Array) -> jax.Array:
         b, h, w, e = u.shape
-        y = unscan_map(self.s6(scan_map(jax.nn.silu(self.conv(u)), self.scans)), self.scans, h, w)
+        u = jax.nn.silu(self.conv(u))
+        if self.scan_layout == "walks":
+            return self.s6.walk_map(u, walks=self.scans)
+        y = unscan_map(self.s6(scan_map(u, self.scans)), self.scans, h, w)
         return y.sum(axis=2).reshape(b, h, w, e)
 
 
@@ -152,13 +180,13 @@ class SelectiveChannelMixer(nnx.Module):
 
     def __init__(self, features: int, *, axis: int = -2, expand: int = 2, state_dim: int = 16,
                  quasi_separable: bool = False, conv_width: int = 4,
-                 dt_rank: int | str = "auto", impl: str = "auto", dtype=None,
-                 rngs: nnx.Rngs):
+                 dt_rank: int | str = "auto", impl: str = "auto", scan_layout: str = "walks",
+                 dtype=None, rngs: nnx.Rngs):
         self.axis = axis
         self.mixer = SelectiveTokenMixer(
             features, expand=expand, state_dim=state_dim,
             directions="quasi_separable" if quasi_separable else 2, conv_width=conv_width,
-            dt_rank=dt_rank, impl=impl, dtype=dtype, rngs=rngs)
+            dt_rank=dt_rank, impl=impl, scan_layout=scan_layout, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (..., S, ..., features) with the scanned axis S at `self.axis` -> same shape."""
@@ -175,7 +203,7 @@ class ChannelGroupMixer(nnx.Module):
 
     def __init__(self, channels: int, *, group_size: int = 16, expand: int = 2,
                  state_dim: int = 16, quasi_separable: bool = False, conv_width: int = 4,
-                 impl: str = "auto", dtype=None, rngs: nnx.Rngs):
+                 impl: str = "auto", scan_layout: str = "walks", dtype=None, rngs: nnx.Rngs):
         width = 2 * channels
         if width % group_size:
             raise ValueError(f"ChannelGroupMixer: 2 * channels = {width} is not divisible by "
@@ -184,8 +212,8 @@ class ChannelGroupMixer(nnx.Module):
         self.up = nnx.Linear(channels, width, dtype=dtype, rngs=rngs)
         self.groups = SelectiveChannelMixer(
             group_size, axis=-2, expand=expand, state_dim=state_dim,
-            quasi_separable=quasi_separable, conv_width=conv_width, impl=impl, dtype=dtype,
-            rngs=rngs)
+            quasi_separable=quasi_separable, conv_width=conv_width, impl=impl,
+            scan_layout=scan_layout, dtype=dtype, rngs=rngs)
         self.down = nnx.Linear(width, channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

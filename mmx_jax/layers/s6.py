@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmx_jax.ssm import selective_scan
+from mmx_jax.ssm import selective_scan, selective_scan_2d
 
 
 def dt_bias_init(key: jax.Array, shape, dt_min: float, dt_max: float,
@@ -69,6 +70,11 @@ class S6(nnx.Module):
             s4d_real_log(e, n), (k // directions_per_A, e, n))))
         self.D = nnx.Param(jnp.ones((k, e))) if use_D else None
 
+    def _A(self) -> jax.Array:
+        """(K, E, N) float32, each direction's A (pairs share one with directions_per_A=2)."""
+        return -jnp.exp(jnp.repeat(self.A_log[...].astype(jnp.float32), self.directions_per_A,
+                                   axis=0))
+
     def __call__(self, u: jax.Array) -> jax.Array:
         """u: (B, L, K, E), each direction already in its own scan order -> y (B, L, K, E)."""
         b, length, k, e = u.shape
@@ -81,10 +87,41 @@ class S6(nnx.Module):
         r, n = self.dt_rank, self.state_dim
         dt, Bm, Cm = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
         delta = jnp.einsum("blkr,kre->blke", dt, self.dt_proj[...].astype(dtype))
-        A = -jnp.exp(jnp.repeat(self.A_log[...].astype(jnp.float32), self.directions_per_A,
-                                axis=0))
+        A = self._A()
         y = selective_scan(
             u.reshape(b, length, k * e), delta.reshape(b, length, k * e), A.reshape(k * e, n),
             Bm, Cm, D=None if self.D is None else self.D[...].reshape(k * e),
             delta_bias=self.dt_bias[...].reshape(k * e), delta_softplus=True, impl=self.impl)
         return y.reshape(b, length, k, e)
+
+    def walk_map(self, u: jax.Array, *, walks: Sequence[str], walk_index=None,
+                 shift: bool = False, summed: bool = True, weights=None) -> jax.Array:
+        """The K directions along K walks of a 2-D map, without permuting it
+        (`selective_scan_2d`): direction k walks walks[k], or walks[walk_index[b, k]].
+
+        The step size and B, C of each direction are projections of u at each map position,
+        so they are computed in map layout, whatever order each direction visits the
+        positions in: B, C (B, H, W, K, N) as slices of one matmul, the step size
+        (K, B, H, W, E) walk-major as its K matmuls come out (no transpose).
+
+        Args:
+          u: (B, H, W, E) the map, read by every direction.
+          walks, walk_index, shift, summed, weights: as `selective_scan_2d`.
+
+        Returns:
+          (B, H, W, E) summed over the directions (weighted), or (K, B, H, W, E).
+        """
+        b, h, w, e = u.shape
+        if e != self.channels:
+            raise ValueError(f"S6: map has shape {u.shape}, wanted (B, H, W, {self.channels})")
+        dtype = self.dtype or u.dtype
+        u = u.astype(dtype)
+        x_dbl = jnp.einsum("bhwe,ker->bhwkr", u, self.x_proj[...].astype(dtype))
+        r, n = self.dt_rank, self.state_dim
+        dt, Bm, Cm = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
+        delta = jnp.einsum("bhwkr,kre->kbhwe", dt, self.dt_proj[...].astype(dtype))
+        return selective_scan_2d(
+            u, delta, self._A(), Bm, Cm, D=None if self.D is None else self.D[...],
+            delta_bias=self.dt_bias[...], delta_softplus=True, walks=walks,
+            walk_index=walk_index, shift=shift, summed=summed, weights=weights,
+            impl=self.impl)

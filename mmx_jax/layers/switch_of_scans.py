@@ -39,9 +39,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmx_jax.layers.conv import DepthwiseConv2D
-from mmx_jax.layers.mixers import _GatedSelectiveMixer, shift_right
+from mmx_jax.layers.mixers import _GatedSelectiveMixer, check_scan_layout, shift_right
 from mmx_jax.layers.s6 import S6
-from mmx_jax.layers.scans import ALL_ORDERS, apply_scans, scan_orders, undo_scans
+from mmx_jax.ssm.scan_orders import (
+    ALL_ORDERS,
+    apply_scans,
+    reversed_walk,
+    scan_orders,
+    undo_scans,
+)
 
 
 class ScanGate(nnx.Module):
@@ -81,16 +87,21 @@ class SwitchOfScansTokenMixer(_GatedSelectiveMixer):
         module docstring for the cost of each.
       conv_size: the depthwise conv on the inner map.
       gate_kernel_size, gate_dilations: the gate's depthwise convolution stack.
-      impl: selective_scan implementation.  dtype: compute dtype.
+      impl: selective_scan implementation.
+      scan_layout: "walks" (`S6.walk_map`: each sample's chosen walks read the map in place,
+        the slots summed with their weights in the same call) or "permuted" (each sample's
+        orders gathered into copies, the 1-D scan, and scattered back); both compute the same.
+      dtype: compute dtype.
     """
 
     def __init__(self, dim: int, *, expand: int = 2, state_dim: int = 16,
                  scans: Sequence[str] = ALL_ORDERS, top_k: int = 4,
                  quasi_separable: bool = True, conv_size: int = 3, gate_kernel_size: int = 3,
                  gate_dilations: Sequence[int] = (1, 2, 4), dt_rank: int | str = "auto",
-                 impl: str = "auto", dtype=None, rngs: nnx.Rngs):
+                 impl: str = "auto", scan_layout: str = "walks", dtype=None, rngs: nnx.Rngs):
         super().__init__(dim, expand=expand, dtype=dtype, rngs=rngs)
         self.scans = tuple(scans)
+        self.scan_layout = check_scan_layout(type(self).__name__, scan_layout)
         if not 1 <= top_k <= len(self.scans):
             raise ValueError(f"SwitchOfScansTokenMixer: top_k={top_k}, wanted 1 to "
                              f"{len(self.scans)} (the number of scans)")
@@ -123,7 +134,10 @@ class SwitchOfScansTokenMixer(_GatedSelectiveMixer):
         """u: (B, H, W, E) after Linear_in; indices, weights: (B, k) from `select`
         -> (B, H, W, E), the weighted sum of the slot outputs in row-major order."""
         b, h, w, e = u.shape
-        u = jax.nn.silu(self.conv(u)).reshape(b, h * w, e)
+        u = jax.nn.silu(self.conv(u))
+        if self.scan_layout == "walks":
+            return self._mix_walks(u, indices, weights)
+        u = u.reshape(b, h * w, e)
         perms = self.slot_orders(indices, h, w)  # (B, k, L)
         if self.quasi_separable:
             # Directions [f_0, b_0, f_1, b_1, ...]: the backward one reads its slot reversed.
@@ -135,6 +149,20 @@ class SwitchOfScansTokenMixer(_GatedSelectiveMixer):
             y = undo_scans(self.s6(apply_scans(u, perms)), perms)
         y = (y * weights.astype(y.dtype)[:, None, :, None]).sum(axis=2)
         return y.reshape(b, h, w, e)
+
+    def _mix_walks(self, u: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+        """`mix` with the slots' walks reading the (B, H, W, E) map in place."""
+        if not self.quasi_separable:
+            return self.s6.walk_map(u, walks=self.scans, walk_index=indices, weights=weights)
+        # Directions [f_0, b_0, f_1, b_1, ...]: the backward one walks its slot's order
+        # reversed, which is the bank's entry S places further in the doubled bank.
+        bank = self.scans + tuple(reversed_walk(name) for name in self.scans)
+        walk_index = jnp.stack([indices, indices + len(self.scans)], axis=2)
+        y = self.s6.walk_map(u, walks=bank, walk_index=walk_index.reshape(u.shape[0], -1),
+                             shift=True, weights=jnp.repeat(weights, 2, axis=1))
+        f32 = jnp.promote_types(jnp.float32, u.dtype)
+        skip = weights.astype(f32) @ self.D[...].astype(f32)  # sum_j w_j D_j, (B, E)
+        return y + skip.astype(y.dtype)[:, None, None, :] * u
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, D) -> (B, H, W, D)."""

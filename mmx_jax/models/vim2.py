@@ -166,6 +166,10 @@ class ViM2(nnx.Module):
         between).  dropout: inside residual branches.  head_dropout: before the head.
       learnable_averaging: train the weighted-averaging scalars of each stage.
       scan_impl: `selective_scan` implementation of every S6.
+      scan_layout: how the token mixers scan the 2-D map (`layers.SCAN_LAYOUTS`): "walks" (the
+        map read in place by the walks, `selective_scan_2d`) or "permuted" (a permuted copy
+        per scan order and the 1-D scan); likewise the quasi-separable channel mixers' two
+        directions. The same model either way: the choice is speed.
       dtype: compute dtype (e.g. bfloat16); parameters stay float32, logits are float32.
 
     Parameter budget (our choice of the details the paper leaves open): with these depths the
@@ -186,8 +190,8 @@ class ViM2(nnx.Module):
                  channel_state_dim: int = 16, channel_conv_width: int = 4,
                  quasi_separable_channels: bool = False, norm: str = "layernorm",
                  drop_path_rate: float = 0.2, dropout: float = 0.0, head_dropout: float = 0.0,
-                 learnable_averaging: bool = True, scan_impl: str = "auto", dtype=None,
-                 rngs: nnx.Rngs):
+                 learnable_averaging: bool = True, scan_impl: str = "auto",
+                 scan_layout: str = "walks", dtype=None, rngs: nnx.Rngs):
         widths, token_depths, channel_depths = (tuple(int(v) for v in seq) for seq in
                                                 (widths, token_depths, channel_depths))
         if not len(widths) == len(token_depths) == len(channel_depths) >= 1:
@@ -208,12 +212,12 @@ class ViM2(nnx.Module):
         self.dtype = dtype
         self.mixer_args = dict(expand=expand, state_dim=state_dim, dt_rank=dt_rank,
                                conv_size=conv_size, scans=tuple(scans), impl=scan_impl,
-                               dtype=dtype)
+                               scan_layout=scan_layout, dtype=dtype)
         self.channel_args = dict(kind=channel_mixer, group_size=channel_group_size,
                                  expand=channel_expand, state_dim=channel_state_dim,
                                  conv_width=channel_conv_width,
                                  quasi_separable=quasi_separable_channels, impl=scan_impl,
-                                 dtype=dtype)
+                                 scan_layout=scan_layout, dtype=dtype)
 
         self.stem = Stem(in_channels, widths[0], stride=stem_stride, kind=stem, norm=norm,
                          dtype=dtype, rngs=rngs)

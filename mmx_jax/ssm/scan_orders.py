@@ -52,6 +52,11 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
     return np.argsort(perm, axis=-1)
 
 
+def reversed_walk(name: str) -> str:
+    """The scan order that visits the map in the reverse order of `name`."""
+    return name[:-4] if name.endswith("_rev") else f"{name}_rev"
+
+
 def scan_orders(names, height: int, width: int) -> np.ndarray:
     """Stacked permutations (K, H*W) for several scan orders."""
     return np.stack([scan_order(name, height, width) for name in names])
