@@ -49,7 +49,7 @@ EXTENSIBLE_KEYS = (
     "train.num_epochs", "train.patience", "train.time_limit_s", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "data.data_dir",
     "data.cache_dir", "data.workers", "data.eval_batch_size", "mesh.", "sharding.",
-    "model.scan_impl", "eval.",
+    "model.scan_impl", "model.scan_layout", "eval.",
 )
 # Sources given as paths: a forecasting CSV, or an image folder/archive/idx folder after
 # its "kind:" prefix.
