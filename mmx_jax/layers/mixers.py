@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmx_jax.layers.conv import DepthwiseConv2D
+from mmx_jax.layers.linear import Linear
 from mmx_jax.layers.s6 import S6
 from mmx_jax.layers.scans import CROSS_SCAN, scan_map, unscan_map
 
@@ -51,9 +52,9 @@ class _GatedSelectiveMixer(nnx.Module):
     def __init__(self, dim: int, *, expand: int = 2, dtype=None, rngs: nnx.Rngs):
         self.dim, self.inner = dim, expand * dim
         self.dtype = dtype
-        self.in_proj = nnx.Linear(dim, self.inner, dtype=dtype, rngs=rngs)
-        self.gate_proj = nnx.Linear(dim, self.inner, dtype=dtype, rngs=rngs)
-        self.out_proj = nnx.Linear(self.inner, dim, dtype=dtype, rngs=rngs)
+        self.in_proj = Linear(dim, self.inner, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(dim, self.inner, dtype=dtype, rngs=rngs)
+        self.out_proj = Linear(self.inner, dim, dtype=dtype, rngs=rngs)
 
     def mix(self, u: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -181,12 +182,12 @@ class ChannelGroupMixer(nnx.Module):
             raise ValueError(f"ChannelGroupMixer: 2 * channels = {width} is not divisible by "
                              f"group_size = {group_size}")
         self.group_size = group_size
-        self.up = nnx.Linear(channels, width, dtype=dtype, rngs=rngs)
+        self.up = Linear(channels, width, dtype=dtype, rngs=rngs)
         self.groups = SelectiveChannelMixer(
             group_size, axis=-2, expand=expand, state_dim=state_dim,
             quasi_separable=quasi_separable, conv_width=conv_width, impl=impl, dtype=dtype,
             rngs=rngs)
-        self.down = nnx.Linear(width, channels, dtype=dtype, rngs=rngs)
+        self.down = Linear(width, channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (..., C) -> (..., C)."""

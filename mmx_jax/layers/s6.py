@@ -26,6 +26,23 @@ def s4d_real_log(num_channels: int, state_dim: int) -> np.ndarray:
     return np.log(np.tile(np.arange(1, state_dim + 1, dtype=np.float32), (num_channels, 1)))
 
 
+def per_direction_linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x: (..., K, I), w: (K, I, O) -> (..., K, O): each of K directions its own matrix.
+
+    For K <= 2 this is one 2-D matmul of the flattened rows with a block-diagonal (K*I, K*O)
+    matrix: the batched product with K as the batch axis made XLA's CPU backend transpose x to
+    put K first, which cost more than the matmul (benchmarks/README.md, "On a CPU"), and so
+    does a product over several leading axes (see `Linear`); the zero blocks double a small
+    product at most.
+    """
+    k, i, o = w.shape
+    if k > 2:
+        return jnp.einsum("...ki,kio->...ko", x, w)
+    eye = jnp.eye(k, dtype=w.dtype)
+    block_diagonal = (eye[:, None, :, None] * w[:, :, None, :]).reshape(k * i, k * o)
+    return (x.reshape(-1, k * i) @ block_diagonal).reshape(*x.shape[:-2], k, o)
+
+
 class S6(nnx.Module):
     """K independent S6 directions over E channels, evaluated by ONE `selective_scan` call.
 
@@ -77,10 +94,10 @@ class S6(nnx.Module):
                              f"{self.num_directions}, {self.channels})")
         dtype = self.dtype or u.dtype
         u = u.astype(dtype)
-        x_dbl = jnp.einsum("blke,ker->blkr", u, self.x_proj[...].astype(dtype))
+        x_dbl = per_direction_linear(u, self.x_proj[...].astype(dtype))
         r, n = self.dt_rank, self.state_dim
         dt, Bm, Cm = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
-        delta = jnp.einsum("blkr,kre->blke", dt, self.dt_proj[...].astype(dtype))
+        delta = per_direction_linear(dt, self.dt_proj[...].astype(dtype))
         A = -jnp.exp(jnp.repeat(self.A_log[...].astype(jnp.float32), self.directions_per_A,
                                 axis=0))
         y = selective_scan(

@@ -9,6 +9,7 @@ from mmx_jax.ssm.scan import (
     selective_scan_associative,
     selective_scan_pallas,
     selective_scan_sequential,
+    selective_scan_sequential_vjp,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "selective_scan_associative",
     "selective_scan_pallas",
     "selective_scan_sequential",
+    "selective_scan_sequential_vjp",
 ]
