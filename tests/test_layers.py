@@ -32,6 +32,7 @@ from mmx_jax.layers import (
     shift_right,
     undo_scans,
 )
+from mmx_jax.layers.initializers import uniform
 from mmx_jax.layers.s6 import per_direction_linear
 from mmx_jax.models import count_params
 from mmx_jax.ssm import selective_scan_sequential
@@ -127,6 +128,20 @@ def test_shift_right(rng):
     shifted = shift_right(y)
     np.testing.assert_array_equal(shifted[:, 0], 0)
     np.testing.assert_array_equal(shifted[:, 1:], y[:, :-1])
+
+
+# --- initialisation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+@pytest.mark.parametrize("shape", [(2, 32, 9), (4, 7), (3, 1, 5, 2), (11,)])
+def test_flat_uniform_draws_the_values_of_jax_random_uniform(shape, partitionable):
+    key = jax.random.key(7)
+    with jax.threefry_partitionable(partitionable):
+        want = jax.random.uniform(key, shape, minval=-0.5, maxval=2.0)
+        got = uniform(key, shape, minval=-0.5, maxval=2.0)
+    assert got.shape == shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
 
 
 # --- S6 ------------------------------------------------------------------------------------

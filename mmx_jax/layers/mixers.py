@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmx_jax.layers.conv import DepthwiseConv2D
+from mmx_jax.layers.initializers import uniform
 from mmx_jax.layers.linear import Linear
 from mmx_jax.layers.s6 import S6
 from mmx_jax.layers.scans import CROSS_SCAN, scan_map, unscan_map
@@ -89,8 +90,8 @@ class SelectiveTokenMixer(_GatedSelectiveMixer):
         convs = 1 if self.quasi_separable else k
         self.num_directions = k
         self.conv_kernel = nnx.Param(
-            jax.random.uniform(rngs.params(), (conv_width, convs * self.inner), minval=-1,
-                               maxval=1) / conv_width ** 0.5)
+            uniform(rngs.params(), (conv_width, convs * self.inner), minval=-1,
+                    maxval=1) / conv_width ** 0.5)
         self.conv_bias = nnx.Param(jnp.zeros((convs * self.inner,)))
         self.s6 = S6(self.inner, num_directions=k, state_dim=state_dim, dt_rank=dt_rank,
                      model_dim=dim, directions_per_A=2 if self.quasi_separable else 1,

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmx_jax.layers.initializers import uniform
 from mmx_jax.ssm import selective_scan
 
 
 def dt_bias_init(key: jax.Array, shape, dt_min: float, dt_max: float,
                  floor: float) -> jax.Array:
     """Mamba's step-size bias: dt log-uniform in [dt_min, dt_max], >= floor; softplus^-1(dt)."""
-    u = jax.random.uniform(key, shape)
+    u = uniform(key, shape)
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = jnp.maximum(dt, floor)
     return dt + jnp.log(-jnp.expm1(-dt))  # inverse of softplus
@@ -72,10 +73,10 @@ class S6(nnx.Module):
         self.num_directions, self.channels, self.state_dim, self.dt_rank = k, e, n, r
         self.impl, self.dtype = impl, dtype
         # torch.nn.Linear's default init, as in Mamba: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        self.x_proj = nnx.Param(jax.random.uniform(rngs.params(), (k, e, r + 2 * n),
-                                                   minval=-1, maxval=1) / math.sqrt(e))
-        self.dt_proj = nnx.Param(jax.random.uniform(rngs.params(), (k, r, e),
-                                                    minval=-1, maxval=1) / math.sqrt(r))
+        self.x_proj = nnx.Param(uniform(rngs.params(), (k, e, r + 2 * n), minval=-1,
+                                        maxval=1) / math.sqrt(e))
+        self.dt_proj = nnx.Param(uniform(rngs.params(), (k, r, e), minval=-1,
+                                         maxval=1) / math.sqrt(r))
         self.dt_bias = nnx.Param(dt_bias_init(rngs.params(), (k, e), dt_min, dt_max,
                                               dt_init_floor))
         if k % directions_per_A:

@@ -20,6 +20,7 @@ from mmx_jax.layers import (
     SelectiveChannelMixer,
     SelectiveTokenMixer,
 )
+from mmx_jax.layers.initializers import uniform
 
 # The parameter paths of the mixer layers (and their averaging weights) for
 # `optimizer.lr_scale_rules`: a regex on the model's parameter paths as `path_str` writes them
@@ -139,8 +140,8 @@ class TSM2(nnx.Module):
         total = seq_len + self.static_steps + (future_steps if num_future else 0)
         self.num_patches = num_patches(total, patch_len, stride)
         self.patch_embed = Linear(patch_len, d_model, dtype=dtype, rngs=rngs)
-        self.pos_embed = nnx.Param(jax.random.uniform(rngs.params(), (self.num_patches, d_model),
-                                                      minval=-0.02, maxval=0.02))
+        self.pos_embed = nnx.Param(uniform(rngs.params(), (self.num_patches, d_model),
+                                           minval=-0.02, maxval=0.02))
         self.embed_dropout = nnx.Dropout(dropout, rngs=rngs)
 
         def block(mixer):
