@@ -7,10 +7,13 @@ r"""Where the time of a TSM2 training job goes on a CPU, part by part, side by s
     PYTHONPATH=. python benchmarks/cpu_profile.py --variant before=auto@/tmp/before \
         --variant after=auto                                       # ... against this one
     PYTHONPATH=. python benchmarks/cpu_profile.py --set data.seq_len=512 --set model.d_model=32
+    PYTHONPATH=. python benchmarks/cpu_profile.py --variant eval256=auto \
+        --variant eval64=auto,data.eval_batch_size=64                # config overrides
 
 Builds the job of `python train.py --config <config>` (default: configs/tsm2.py, TSM2 on the
 bundled ETTh1, input 336, H=96, batch 32) for each variant, `label=scan_impl[@code tree]`
-(the tree: a checkout or `git archive` export of this repository, default this one), and
+followed by optional `,key=value` config overrides of its own (the tree: a checkout or
+`git archive` export of this repository, default this one), and
 measures it in a fresh process per variant and round; rounds alternate the variants, and the
 tables give the median over the rounds (`--rounds`).
 
@@ -309,7 +312,7 @@ def main():
                         help="configs/<file>.py[:args], as train.py's --config")
     parser.add_argument("--set", action="append", default=[], help="key=value overrides")
     parser.add_argument("--variant", action="append", default=[],
-                        help="label=scan_impl[@code tree] (default: auto=auto)")
+                        help="label=scan_impl[@code tree][,key=value...] (default: auto=auto)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the variants")
     parser.add_argument("--repeat", type=int, default=10, help="timed calls per measurement")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -322,16 +325,19 @@ def main():
     variants = {}
     for item in args.variant or ["auto=auto"]:
         label, sep, rest = item.partition("=")
-        impl, _, tree = rest.partition("@")
-        if not sep or not impl:
-            parser.error(f"--variant {item!r}: wanted label=scan_impl[@code tree]")
-        variants[label] = (impl, str(pathlib.Path(tree).resolve()) if tree else str(REPO))
+        head, *overrides = rest.split(",")
+        impl, _, tree = head.partition("@")
+        if not sep or not impl or not all("=" in o for o in overrides):
+            parser.error(f"--variant {item!r}: wanted label=scan_impl[@code tree][,key=value...]")
+        variants[label] = (impl, str(pathlib.Path(tree).resolve()) if tree else str(REPO),
+                           overrides)
     print(f"config {args.config} {args.set}; variants {variants}; {args.rounds} rounds, "
           f"{args.repeat} calls per measurement", flush=True)
     rows = {label: [] for label in variants}
     for r in range(args.rounds):
-        for label, (impl, tree) in variants.items():
-            spec = dict(config=args.config, set=args.set, impl=impl, repeat=args.repeat)
+        for label, (impl, tree, overrides) in variants.items():
+            spec = dict(config=args.config, set=args.set + overrides, impl=impl,
+                        repeat=args.repeat)
             start = time.perf_counter()
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec),
                                    "--tree", tree], capture_output=True, text=True)
