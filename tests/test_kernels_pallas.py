@@ -270,7 +270,7 @@ def test_dispatcher_pallas_on_cpu(rng):
     ref = selective_scan(**args, **kw, impl="sequential")
     assert rel_err(y, ref) < 2e-5
     from mmx_jax.ssm import resolve_impl  # noqa: PLC0415
-    assert resolve_impl("auto") == "sequential"
+    assert resolve_impl("auto") == "sequential_vjp"
 
 
 def test_fast_softplus_formula_matches_float64():

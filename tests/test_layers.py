@@ -18,6 +18,7 @@ from mmx_jax.layers import (
     ChannelGroupMixer,
     CrossScanTokenMixer,
     DepthwiseConv2D,
+    Linear,
     MambaMixerStack,
     ResidualBlock,
     SelectiveChannelMixer,
@@ -31,6 +32,8 @@ from mmx_jax.layers import (
     shift_right,
     undo_scans,
 )
+from mmx_jax.layers.initializers import uniform
+from mmx_jax.layers.s6 import per_direction_linear
 from mmx_jax.models import count_params
 from mmx_jax.ssm import selective_scan_sequential
 
@@ -127,6 +130,20 @@ def test_shift_right(rng):
     np.testing.assert_array_equal(shifted[:, 1:], y[:, :-1])
 
 
+# --- initialisation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+@pytest.mark.parametrize("shape", [(2, 32, 9), (4, 7), (3, 1, 5, 2), (11,)])
+def test_flat_uniform_draws_the_values_of_jax_random_uniform(shape, partitionable):
+    key = jax.random.key(7)
+    with jax.threefry_partitionable(partitionable):
+        want = jax.random.uniform(key, shape, minval=-0.5, maxval=2.0)
+        got = uniform(key, shape, minval=-0.5, maxval=2.0)
+    assert got.shape == shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
 # --- S6 ------------------------------------------------------------------------------------
 
 
@@ -142,18 +159,50 @@ def test_s6_initialisation_follows_mamba():
     assert s6.x_proj.shape == (2, 32, 3 + 16) and s6.dt_proj.shape == (2, 3, 32)
 
 
-def test_s6_directions_are_independent_scans(rng):
+@pytest.mark.parametrize("directions", [1, 2, 3])
+def test_s6_directions_are_independent_scans(rng, directions):
     """One grouped scan call equals K separate scans with each direction's own parameters."""
-    s6 = S6(6, num_directions=3, state_dim=4, rngs=nnx.Rngs(1))
-    u = normal(rng, 2, 7, 3, 6)
+    s6 = S6(6, num_directions=directions, state_dim=4, rngs=nnx.Rngs(1))
+    u = normal(rng, 2, 7, directions, 6)
     got = s6(u)
-    for k in range(3):
+    for k in range(directions):
         x_dbl = u[:, :, k] @ s6.x_proj[...][k]
         dt, bm, cm = x_dbl[..., :1], x_dbl[..., 1:5], x_dbl[..., 5:]
         want = selective_scan_sequential(
             u[:, :, k], dt @ s6.dt_proj[...][k], -jnp.exp(s6.A_log[...][k]), bm, cm,
             D=s6.D[...][k], delta_bias=s6.dt_bias[...][k], delta_softplus=True)
         np.testing.assert_allclose(got[:, :, k], want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("directions", [1, 2, 3])
+def test_per_direction_linear_matches_float64(rng, directions):
+    """Each direction's rows times its own matrix, values and gradients (block-diagonal product
+    for K <= 2, batched for more)."""
+    x, w = rng.normal(size=(3, 5, directions, 6)), rng.normal(size=(directions, 6, 4))
+    cot = rng.normal(size=(3, 5, directions, 4))
+    want = np.einsum("blki,kio->blko", x, w)
+    got, vjp = jax.vjp(per_direction_linear, jnp.asarray(x, jnp.float32),
+                       jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dx, dw = vjp(jnp.asarray(cot, jnp.float32))
+    np.testing.assert_allclose(dx, np.einsum("blko,kio->blki", cot, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("blki,blko->kio", x, cot), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_is_nnx_linear_on_any_rank(rng):
+    """Same parameters, values and gradients as nnx.Linear on a 4-D input (float64 check)."""
+    ours, theirs = Linear(5, 3, rngs=nnx.Rngs(0)), nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(theirs))
+    x = rng.normal(size=(2, 4, 6, 5))
+    kernel, bias = (np.asarray(v, np.float64) for v in (ours.kernel[...], ours.bias[...]))
+    np.testing.assert_allclose(ours(jnp.asarray(x, jnp.float32)), x @ kernel + bias, rtol=1e-5,
+                               atol=1e-5)
+    cot = rng.normal(size=(2, 4, 6, 3))
+    grad = nnx.grad(lambda m: jnp.vdot(m(jnp.asarray(x, jnp.float32)),
+                                       jnp.asarray(cot, jnp.float32)))(ours)
+    np.testing.assert_allclose(grad["kernel"][...], np.einsum("abci,abco->io", x, cot),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad["bias"][...], cot.sum((0, 1, 2)), rtol=1e-5, atol=1e-5)
 
 
 # --- mixers --------------------------------------------------------------------------------

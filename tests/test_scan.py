@@ -9,9 +9,9 @@ import pytest
 from jax.test_util import check_grads
 
 from mmx_jax import selective_scan
-from mmx_jax.ssm import selective_scan_associative
+from mmx_jax.ssm import selective_scan_associative, selective_scan_sequential_vjp
 
-IMPLS = ["sequential", "associative"]
+IMPLS = ["sequential", "sequential_vjp", "associative"]
 
 
 def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -104,6 +104,20 @@ def test_associative_chunking(rng, chunk):
     assert rel_err(y, want_y) <= 1e-5 and rel_err(h, want_h) <= 1e-5
 
 
+@pytest.mark.parametrize("unroll", [2, 3, 13])
+@pytest.mark.parametrize("case", ["everything", "odd_length"])
+def test_sequential_vjp_unrolled(rng, unroll, case):
+    """Steps unrolled per loop iteration (3 does not divide 13 or 7; 13 is all of them)."""
+    opts = dict(CASES[case])
+    reverse, softplus = opts.pop("reverse", False), opts.get("softplus", False)
+    shape = {k: opts.pop(k) for k in ("length", "e", "groups") if k in opts}
+    args = random_inputs(rng, **shape, **opts)
+    want_y, want_h = reference_scan(**args, delta_softplus=softplus, reverse=reverse)
+    y, h = selective_scan_sequential_vjp(**args, delta_softplus=softplus, reverse=reverse,
+                                         return_final_state=True, unroll=unroll)
+    assert rel_err(y, want_y) <= 1e-5 and rel_err(h, want_h) <= 1e-5
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bfloat16_inputs(rng, impl):
     """bfloat16 in, bfloat16 out, float32 inside: only the input/output rounding remains."""
@@ -136,6 +150,24 @@ def test_gradients_of_every_input(rng, impl, reverse):
         check_grads(loss, xs, order=1, modes=["rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sequential_vjp_gradients_unrolled(rng, unroll, reverse):
+    """The hand-written backward pass at every unroll setting, in float64 as above."""
+    args = random_inputs(rng, b=2, length=5, e=4, n=3, groups=2, dtype=np.float64, D=True,
+                         z=True, delta_bias=True, softplus=True, initial_state=True)
+    weights = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 4, 3))
+    with jax.enable_x64(True):
+        def loss(*xs):
+            y, h = selective_scan_sequential_vjp(
+                **dict(zip(GRAD_ARGS, xs, strict=True)), delta_softplus=True, reverse=reverse,
+                return_final_state=True, unroll=unroll)
+            return jnp.sum(y * weights[0]) + jnp.sum(h * weights[1])
+
+        xs = tuple(jnp.asarray(args[k]) for k in GRAD_ARGS)
+        check_grads(loss, xs, order=1, modes=["rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
+
+
 def test_gradients_agree_across_impls_in_float32(rng):
     args = random_inputs(rng, length=17, e=8, groups=2, D=True, z=True, delta_bias=True,
                          softplus=True, initial_state=True)
@@ -146,9 +178,11 @@ def test_gradients_agree_across_impls_in_float32(rng):
             return jnp.sum(jnp.sin(y)) + jnp.sum(h**2)
         return jax.grad(loss)({k: jnp.asarray(v) for k, v in args.items()})
 
-    g_seq, g_assoc = grads("sequential"), grads("associative")
-    for name in args:
-        assert rel_err(g_assoc[name], g_seq[name]) <= 1e-5, name
+    g_seq = grads("sequential")
+    for impl in ("sequential_vjp", "associative"):
+        g = grads(impl)
+        for name in args:
+            assert rel_err(g[name], g_seq[name]) <= 1e-5, (impl, name)
 
 
 @pytest.mark.parametrize(
@@ -180,11 +214,17 @@ def test_unknown_impl(rng):
         selective_scan(**random_inputs(rng), impl="fast")
 
 
-def test_auto_is_sequential_on_cpu():
+def test_auto_on_cpu_picks_sequential_vjp_and_says_why_once_per_shape(caplog):
     from mmx_jax.ssm import ScanDims, resolve_impl
 
-    if jax.default_backend() == "cpu":
-        assert resolve_impl("auto", ScanDims(2, 9, 6, 4, 1)) == "sequential"
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU choice")
+    with caplog.at_level("INFO", logger="mmx_jax.ssm.scan"):
+        for dims in (ScanDims(2, 9, 6, 4, 1), ScanDims(2, 9, 6, 4, 1), ScanDims(3, 9, 6, 4, 1)):
+            assert resolve_impl("auto", dims) == "sequential_vjp"
+    logged = [r.getMessage() for r in caplog.records if "auto picks" in r.getMessage()]
+    assert [("(2, 9, 6, 4, 1)" in m, "(3, 9, 6, 4, 1)" in m) for m in logged] == \
+        [(True, False), (False, True)], logged
 
 
 def _temp_bytes(length, chunk):

@@ -10,6 +10,7 @@ from mmx_jax.layers.averaging import (
     residual_init,
 )
 from mmx_jax.layers.conv import DepthwiseConv2D, depthwise_conv2d
+from mmx_jax.layers.linear import Linear
 from mmx_jax.layers.mixers import (
     SCAN_LAYOUTS,
     ChannelGroupMixer,
@@ -42,6 +43,7 @@ __all__ = [
     "CrossScanTokenMixer",
     "DepthwiseConv2D",
     "DropPath",
+    "Linear",
     "MambaMixerStack",
     "ResidualBlock",
     "S6",

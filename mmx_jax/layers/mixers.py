@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmx_jax.layers.conv import DepthwiseConv2D
+from mmx_jax.layers.initializers import uniform
+from mmx_jax.layers.linear import Linear
 from mmx_jax.layers.s6 import S6
 from mmx_jax.ssm.scan_orders import CROSS_SCAN, scan_map, unscan_map
 
@@ -63,9 +65,9 @@ class _GatedSelectiveMixer(nnx.Module):
     def __init__(self, dim: int, *, expand: int = 2, dtype=None, rngs: nnx.Rngs):
         self.dim, self.inner = dim, expand * dim
         self.dtype = dtype
-        self.in_proj = nnx.Linear(dim, self.inner, dtype=dtype, rngs=rngs)
-        self.gate_proj = nnx.Linear(dim, self.inner, dtype=dtype, rngs=rngs)
-        self.out_proj = nnx.Linear(self.inner, dim, dtype=dtype, rngs=rngs)
+        self.in_proj = Linear(dim, self.inner, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(dim, self.inner, dtype=dtype, rngs=rngs)
+        self.out_proj = Linear(self.inner, dim, dtype=dtype, rngs=rngs)
 
     def mix(self, u: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -106,8 +108,8 @@ class SelectiveTokenMixer(_GatedSelectiveMixer):
         convs = 1 if self.quasi_separable else k
         self.num_directions = k
         self.conv_kernel = nnx.Param(
-            jax.random.uniform(rngs.params(), (conv_width, convs * self.inner), minval=-1,
-                               maxval=1) / conv_width ** 0.5)
+            uniform(rngs.params(), (conv_width, convs * self.inner), minval=-1,
+                    maxval=1) / conv_width ** 0.5)
         self.conv_bias = nnx.Param(jnp.zeros((convs * self.inner,)))
         self.s6 = S6(self.inner, num_directions=k, state_dim=state_dim, dt_rank=dt_rank,
                      model_dim=dim, directions_per_A=2 if self.quasi_separable else 1,
@@ -209,12 +211,12 @@ class ChannelGroupMixer(nnx.Module):
             raise ValueError(f"ChannelGroupMixer: 2 * channels = {width} is not divisible by "
                              f"group_size = {group_size}")
         self.group_size = group_size
-        self.up = nnx.Linear(channels, width, dtype=dtype, rngs=rngs)
+        self.up = Linear(channels, width, dtype=dtype, rngs=rngs)
         self.groups = SelectiveChannelMixer(
             group_size, axis=-2, expand=expand, state_dim=state_dim,
             quasi_separable=quasi_separable, conv_width=conv_width, impl=impl,
             scan_layout=scan_layout, dtype=dtype, rngs=rngs)
-        self.down = nnx.Linear(width, channels, dtype=dtype, rngs=rngs)
+        self.down = Linear(width, channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (..., C) -> (..., C)."""

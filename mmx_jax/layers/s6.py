@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmx_jax.layers.initializers import uniform
 from mmx_jax.ssm import selective_scan, selective_scan_2d
 
 
 def dt_bias_init(key: jax.Array, shape, dt_min: float, dt_max: float,
                  floor: float) -> jax.Array:
     """Mamba's step-size bias: dt log-uniform in [dt_min, dt_max], >= floor; softplus^-1(dt)."""
-    u = jax.random.uniform(key, shape)
+    u = uniform(key, shape)
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = jnp.maximum(dt, floor)
     return dt + jnp.log(-jnp.expm1(-dt))  # inverse of softplus
@@ -25,6 +26,23 @@ def dt_bias_init(key: jax.Array, shape, dt_min: float, dt_max: float,
 def s4d_real_log(num_channels: int, state_dim: int) -> np.ndarray:
     """S4D-real initialisation of A_log: A_log[e, n] = log(n + 1), so A = -(n + 1)."""
     return np.log(np.tile(np.arange(1, state_dim + 1, dtype=np.float32), (num_channels, 1)))
+
+
+def per_direction_linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x: (..., K, I), w: (K, I, O) -> (..., K, O): each of K directions its own matrix.
+
+    For K <= 2 this is one 2-D matmul of the flattened rows with a block-diagonal (K*I, K*O)
+    matrix: the batched product with K as the batch axis made XLA's CPU backend transpose x to
+    put K first, which cost more than the matmul (benchmarks/README.md, "On a CPU"), and so
+    does a product over several leading axes (see `Linear`); the zero blocks double a small
+    product at most.
+    """
+    k, i, o = w.shape
+    if k > 2:
+        return jnp.einsum("...ki,kio->...ko", x, w)
+    eye = jnp.eye(k, dtype=w.dtype)
+    block_diagonal = (eye[:, None, :, None] * w[:, :, None, :]).reshape(k * i, k * o)
+    return (x.reshape(-1, k * i) @ block_diagonal).reshape(*x.shape[:-2], k, o)
 
 
 class S6(nnx.Module):
@@ -56,10 +74,10 @@ class S6(nnx.Module):
         self.num_directions, self.channels, self.state_dim, self.dt_rank = k, e, n, r
         self.impl, self.dtype = impl, dtype
         # torch.nn.Linear's default init, as in Mamba: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        self.x_proj = nnx.Param(jax.random.uniform(rngs.params(), (k, e, r + 2 * n),
-                                                   minval=-1, maxval=1) / math.sqrt(e))
-        self.dt_proj = nnx.Param(jax.random.uniform(rngs.params(), (k, r, e),
-                                                    minval=-1, maxval=1) / math.sqrt(r))
+        self.x_proj = nnx.Param(uniform(rngs.params(), (k, e, r + 2 * n), minval=-1,
+                                        maxval=1) / math.sqrt(e))
+        self.dt_proj = nnx.Param(uniform(rngs.params(), (k, r, e), minval=-1,
+                                         maxval=1) / math.sqrt(r))
         self.dt_bias = nnx.Param(dt_bias_init(rngs.params(), (k, e), dt_min, dt_max,
                                               dt_init_floor))
         if k % directions_per_A:
@@ -83,10 +101,10 @@ class S6(nnx.Module):
                              f"{self.num_directions}, {self.channels})")
         dtype = self.dtype or u.dtype
         u = u.astype(dtype)
-        x_dbl = jnp.einsum("blke,ker->blkr", u, self.x_proj[...].astype(dtype))
+        x_dbl = per_direction_linear(u, self.x_proj[...].astype(dtype))
         r, n = self.dt_rank, self.state_dim
         dt, Bm, Cm = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
-        delta = jnp.einsum("blkr,kre->blke", dt, self.dt_proj[...].astype(dtype))
+        delta = per_direction_linear(dt, self.dt_proj[...].astype(dtype))
         A = self._A()
         y = selective_scan(
             u.reshape(b, length, k * e), delta.reshape(b, length, k * e), A.reshape(k * e, n),

@@ -14,11 +14,13 @@ import numpy as np
 from flax import nnx
 
 from mmx_jax.layers import (
+    Linear,
     MambaMixerStack,
     ResidualBlock,
     SelectiveChannelMixer,
     SelectiveTokenMixer,
 )
+from mmx_jax.layers.initializers import uniform
 
 # The parameter paths of the mixer layers (and their averaging weights) for
 # `optimizer.lr_scale_rules`: a regex on the model's parameter paths as `path_str` writes them
@@ -83,11 +85,11 @@ class FutureCovariates(nnx.Module):
     def __init__(self, num_covariates: int, horizon: int, num_variates: int, steps: int, *,
                  d_model: int, state_dim: int, impl: str, dtype, rngs: nnx.Rngs):
         self.shape = (steps, num_variates)
-        self.embed = nnx.Linear(horizon, d_model, dtype=dtype, rngs=rngs)
+        self.embed = Linear(horizon, d_model, dtype=dtype, rngs=rngs)
         self.mixer = ResidualBlock(d_model, SelectiveChannelMixer(
             d_model, axis=-2, state_dim=state_dim, impl=impl, dtype=dtype, rngs=rngs),
             dtype=dtype, rngs=rngs)
-        self.out = nnx.Linear(num_covariates * d_model, steps * num_variates, dtype=dtype,
+        self.out = Linear(num_covariates * d_model, steps * num_variates, dtype=dtype,
                               rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -129,7 +131,7 @@ class TSM2(nnx.Module):
         self.patch_len, self.stride = patch_len, stride
         self.dtype = dtype
         self.revin = RevIN(num_variates, affine=revin_affine) if revin else None
-        self.static = (nnx.Linear(num_static, static_steps * num_variates, dtype=dtype,
+        self.static = (Linear(num_static, static_steps * num_variates, dtype=dtype,
                                   rngs=rngs) if num_static else None)
         self.static_steps = static_steps if num_static else 0
         self.future = (FutureCovariates(num_future, pred_len, num_variates, future_steps,
@@ -137,9 +139,9 @@ class TSM2(nnx.Module):
                                         dtype=dtype, rngs=rngs) if num_future else None)
         total = seq_len + self.static_steps + (future_steps if num_future else 0)
         self.num_patches = num_patches(total, patch_len, stride)
-        self.patch_embed = nnx.Linear(patch_len, d_model, dtype=dtype, rngs=rngs)
-        self.pos_embed = nnx.Param(jax.random.uniform(rngs.params(), (self.num_patches, d_model),
-                                                      minval=-0.02, maxval=0.02))
+        self.patch_embed = Linear(patch_len, d_model, dtype=dtype, rngs=rngs)
+        self.pos_embed = nnx.Param(uniform(rngs.params(), (self.num_patches, d_model),
+                                           minval=-0.02, maxval=0.02))
         self.embed_dropout = nnx.Dropout(dropout, rngs=rngs)
 
         def block(mixer):
@@ -156,7 +158,7 @@ class TSM2(nnx.Module):
             learnable_averaging=learnable_averaging)
         self.head_norm = nnx.LayerNorm(d_model, reduction_axes=(-2, -1), dtype=dtype, rngs=rngs)
         self.head_dropout = nnx.Dropout(head_dropout, rngs=rngs)
-        self.head = nnx.Linear(self.num_patches * d_model, pred_len, dtype=dtype, rngs=rngs)
+        self.head = Linear(self.num_patches * d_model, pred_len, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, static: jax.Array | None = None,
                  future: jax.Array | None = None) -> jax.Array:

@@ -9,6 +9,7 @@ from mmx_jax.ssm.scan import (
     selective_scan_associative,
     selective_scan_pallas,
     selective_scan_sequential,
+    selective_scan_sequential_vjp,
 )
 from mmx_jax.ssm.scan_2d import WalkDims, check_walk_args, resolve_impl_2d, selective_scan_2d
 
@@ -25,4 +26,5 @@ __all__ = [
     "selective_scan_associative",
     "selective_scan_pallas",
     "selective_scan_sequential",
+    "selective_scan_sequential_vjp",
 ]

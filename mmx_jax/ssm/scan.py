@@ -11,7 +11,8 @@ Channels-last layout (SPEC section 1):
     y_t     = h_t @ C_t[group] + D * u_t ;   y_t *= silu(z_t)   (when z is given)
 
 Every implementation is a pure function with the same signature; `selective_scan` checks the
-arguments once, resolves ``impl="auto"`` and dispatches with a ``match``. All compute in float32
+arguments once, resolves ``impl="auto"`` (by platform and shape, the reason logged once per
+shape) and dispatches with a ``match``. All compute in float32
 (float64 when an input is float64) and return ``y`` in the dtype of ``u``; the final state
 stays in the compute dtype.
 """
@@ -26,9 +27,11 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-Impl = Literal["auto", "sequential", "associative", "pallas"]
-IMPLS: tuple[str, ...] = ("auto", "sequential", "associative", "pallas")
+Impl = Literal["auto", "sequential", "sequential_vjp", "associative", "pallas"]
+IMPLS: tuple[str, ...] = ("auto", "sequential", "sequential_vjp", "associative", "pallas")
 DEFAULT_CHUNK = 128
+# Sums over at most this many states are written as adds of slices (see `_sum_states`).
+_SLICED_SUM_MAX = 32
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +178,106 @@ def selective_scan_sequential(p: _Prepared):
     return jnp.moveaxis(y, 0, 1), h_last
 
 
+def _sum_states(x: jax.Array, axis: int) -> jax.Array:
+    """Sum over the (small) state axis, keeping it with size 1, as adds of slices.
+
+    XLA's CPU backend in jax 0.10 hands a multiply-then-reduce to YNNPACK, which takes about
+    10 ns per element at these shapes, several times the whole step's arithmetic; adds of
+    slices stay in one elementwise loop fusion (benchmarks/README.md, "On a CPU").
+    """
+    n = x.shape[axis]
+    if n > _SLICED_SUM_MAX:
+        return jnp.sum(x, axis=axis, keepdims=True)
+    out = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+    for i in range(1, n):
+        out = out + jax.lax.slice_in_dim(x, i, i + 1, axis=axis)
+    return out
+
+
+def _state_major_forward(dt, x, A, B, C, h0, unroll: int, save_states: bool):
+    """The recurrence over time-major, state-major inputs.
+
+    dt, x: (L, b, G, 1, E/G) step size and dt * u;  A: (G, N, E/G);  B, C: (L, b, G, N, 1);
+    h0: (b, G, N, E/G). Returns (h_last, y (L, b, G, E/G)) and, with `save_states`, the
+    state before every step (L, b, G, N, E/G) for the backward pass.
+    """
+
+    def step(h, xs):
+        dt_t, x_t, b_t, c_t = xs
+        h_new = jnp.exp(dt_t * A) * h + x_t * b_t
+        y_t = _sum_states(h_new * c_t, axis=-2)[..., 0, :]
+        return h_new, ((y_t, h) if save_states else y_t)
+
+    return jax.lax.scan(step, h0, (dt, x, B, C), unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _state_major_scan(dt, x, A, B, C, h0, unroll):
+    """(y, h_last) of `_state_major_forward`, with the backward pass written out below."""
+    h_last, y = _state_major_forward(dt, x, A, B, C, h0, unroll, save_states=False)
+    return y, h_last
+
+
+def _state_major_scan_fwd(dt, x, A, B, C, h0, unroll):
+    h_last, (y, h_before) = _state_major_forward(dt, x, A, B, C, h0, unroll, save_states=True)
+    return (y, h_last), (dt, x, A, B, C, h_before)
+
+
+def _state_major_scan_bwd(unroll, residuals, cotangents):
+    """A reverse scan carrying dL/dh; each step's small gradients are its outputs.
+
+    With decay_t = exp(dt_t A) and h_t = decay_t h_{t-1} + x_t B_t, y_t = sum_n h_t C_t:
+      dh_t     = dy_t C_t + decay_{t+1} dh_{t+1}
+      dC_t     = sum_e dy_t h_t            dB_t = sum_e dh_t x_t     dx_t = sum_n dh_t B_t
+      ddt_t    = sum_n A g_t               dA  += g_t dt_t     with g_t = dh_t h_{t-1} decay_t
+    and, for the initial state h_{-1}, dh_{-1} = decay_0 dh_0. The state h_t is recomputed
+    from the saved h_{t-1}.
+    """
+    dt, x, A, B, C, h_before = residuals
+    dy, dh_last = cotangents
+
+    def step(carry, xs):
+        dh, dA = carry
+        dt_t, x_t, b_t, c_t, dy_t, h_prev = xs
+        decay = jnp.exp(dt_t * A)
+        h_t = decay * h_prev + x_t * b_t
+        dh = dh + dy_t[..., None, :] * c_t
+        g = dh * h_prev * decay
+        # The sums over E/G are contractions (dot products), not reductions: see _sum_states.
+        dc_t = jnp.einsum("bgne,bge->bgn", h_t, dy_t)[..., None]
+        db_t = jnp.einsum("bgne,bgxe->bgn", dh, x_t)[..., None]
+        dx_t = _sum_states(dh * b_t, axis=-2)
+        ddt_t = _sum_states(g * A, axis=-2)
+        return (dh * decay, dA + g * dt_t), (ddt_t, dx_t, db_t, dc_t)
+
+    (dh0, dA), (ddt, dx, dB, dC) = jax.lax.scan(
+        step, (dh_last, jnp.zeros_like(dh_last)), (dt, x, B, C, dy, h_before), reverse=True,
+        unroll=unroll)
+    return ddt, dx, jnp.sum(dA, axis=0), dB, dC, dh0
+
+
+_state_major_scan.defvjp(_state_major_scan_fwd, _state_major_scan_bwd)
+
+
+@_reference_impl
+def selective_scan_sequential_vjp(p: _Prepared, unroll: int = 1):
+    """`lax.scan` one step at a time, like "sequential", with its own backward pass.
+
+    The state is laid out (batch, G, N, E/G), channels last, so every step is a few
+    elementwise loops over contiguous rows; the backward pass saves only the states and is one
+    reverse scan whose outputs are the per-step gradients (autodiff of "sequential" saves
+    several (L, batch, E, N) arrays and reduces each). `unroll` steps run per loop iteration.
+    """
+    time_major = functools.partial(jnp.moveaxis, source=1, destination=0)
+    dt = time_major(p.delta)[..., None, :]
+    x = time_major(p.delta * p.u)[..., None, :]
+    B, C = time_major(p.B)[..., None], time_major(p.C)[..., None]
+    y, h_last = _state_major_scan(dt, x, jnp.swapaxes(p.A, -1, -2), B, C,
+                                  jnp.swapaxes(p.h0, -1, -2), unroll)
+    return jnp.moveaxis(y, 0, 1), jnp.swapaxes(h_last, -1, -2)
+
+
+
 def _combine(left, right):
     a_l, b_l = left
     a_r, b_r = right
@@ -225,6 +328,18 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         reverse=reverse, initial_state=initial_state, return_final_state=return_final_state)
 
 
+_LOGGED_CHOICES: set[tuple] = set()
+
+
+def _log_choice(platform: str, dims: ScanDims | None, impl: str, reason: str) -> None:
+    """Logs why "auto" chose `impl`, once per (platform, shape)."""
+    key = (platform, dims, impl)
+    if key not in _LOGGED_CHOICES:
+        _LOGGED_CHOICES.add(key)
+        shape = "" if dims is None else f" at (batch, L, E, N, G) = {tuple(dims)}"
+        log.info("selective_scan: auto picks %r on %s%s: %s", impl, platform, shape, reason)
+
+
 def resolve_impl(impl: str, dims: ScanDims | None = None) -> str:
     """Turns "auto" into a concrete implementation for the default backend and this shape."""
     if impl not in IMPLS:
@@ -233,17 +348,18 @@ def resolve_impl(impl: str, dims: ScanDims | None = None) -> str:
         return impl
     platform = jax.default_backend()
     if platform not in ("gpu", "cuda", "rocm", "tpu"):
-        # A CPU gains little from the associative scan's parallel levels and pays for their
-        # extra work: the step loop is faster there (benchmarks/README.md, "On a CPU").
-        return "sequential"
+        _log_choice(platform, dims, "sequential_vjp",
+                    "XLA's CPU backend runs a step loop with the hand-written backward pass "
+                    "fastest at every measured shape (benchmarks/README.md, 'On a CPU')")
+        return "sequential_vjp"
     try:
         import kernels_pallas  # noqa: PLC0415
     except ImportError as err:  # pragma: no cover - the package ships with mmx_jax
-        log.info("selective_scan: auto falls back to 'associative': %s", err)
+        _log_choice(platform, dims, "associative", str(err))
         return "associative"
     reason = kernels_pallas.unsupported_reason(platform, **dims._asdict()) if dims else None
     if reason:
-        log.info("selective_scan: auto falls back to 'associative': %s", reason)
+        _log_choice(platform, dims, "associative", reason)
         return "associative"
     return "pallas"
 
@@ -264,8 +380,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       initial_state: optional (batch, E, N) state before the first step scanned.
       return_final_state: also return the (batch, E, N) state after the last step
         (float32, or float64 for float64 inputs).
-      impl: "sequential", "associative", "pallas" or "auto" (pallas on GPU/TPU where the
-        shape is supported, associative on other GPU/TPU shapes, sequential on CPU).
+      impl: "sequential", "sequential_vjp", "associative", "pallas" or "auto" (pallas on
+        GPU/TPU where the shape is supported, associative on other GPU/TPU shapes,
+        sequential_vjp on CPU).
 
     Returns:
       y (batch, length, E) in u's dtype, or (y, final_state) when return_final_state.
@@ -277,6 +394,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     match resolve_impl(impl, dims):
         case "sequential":
             return selective_scan_sequential(u, delta, A, B, C, **kwargs)
+        case "sequential_vjp":
+            return selective_scan_sequential_vjp(u, delta, A, B, C, **kwargs)
         case "associative":
             return selective_scan_associative(u, delta, A, B, C, **kwargs)
         case "pallas":
