@@ -2,6 +2,7 @@ r"""Makes the pretrained zoo's entries (mmx_jax/models/weights/) from training r
 
     python -m research.make_zoo train --pairs etth2:96,etth2:192 \
         --data-dir ../shared/data/timeseries --runs runs/zoo      # train.py, then add
+        [--workers 8]                                             # runs at a time (GPU)
     python -m research.make_zoo add --workdir runs/zoo/etth2_96 --name tsm2_etth2_96 \
         --command "python train.py ..." --date 2026-12-05
     python -m research.make_zoo check                             # every entry's test MSE
@@ -106,7 +107,12 @@ def cmd_add(args) -> None:
 
 
 def cmd_train(args) -> None:
+    """Trains the pairs (`--workers` at a time, each train.py's output to its log) and adds each
+    run as it finishes."""
+    import concurrent.futures  # noqa: PLC0415
+
     hw = hardware()
+    jobs = []
     for pair in args.pairs.split(","):
         dataset, horizon = pair.split(":")
         workdir = pathlib.Path(args.runs) / f"{dataset}_{horizon}"
@@ -114,14 +120,33 @@ def cmd_train(args) -> None:
         command = ["train.py", f"--config={spec}", f"--workdir={workdir}"]
         if args.data_dir:
             command.append(f"--config.data.data_dir={args.data_dir}")
+        jobs.append((dataset, horizon, workdir if workdir.is_absolute() else REPO / workdir,
+                     command))
+
+    def train(job) -> float:
+        *_, workdir, command = job
+        workdir.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        subprocess.run([sys.executable, *command], cwd=REPO, check=True)
-        shown = " ".join(["python", *command]).replace(str(args.data_dir or "~"),
-                                                        "<data folder>")
-        path = add(REPO / workdir if not workdir.is_absolute() else workdir,
-                   f"tsm2_{dataset}_{horizon}", shown,
-                   datetime.date.today().isoformat(), hw)
-        print(f"{path} ({time.time() - started:.0f} s)", flush=True)
+        with open(workdir.parent / f"{workdir.name}.log", "ab") as log:
+            subprocess.run([sys.executable, *command], cwd=REPO, check=True, stdout=log,
+                           stderr=subprocess.STDOUT)
+        return time.time() - started
+
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        futures = {pool.submit(train, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            dataset, horizon, workdir, command = futures[future]
+            try:
+                seconds = future.result()
+            except subprocess.CalledProcessError as err:
+                print(f"{dataset}:{horizon} failed (rc {err.returncode}); see "
+                      f"{workdir.parent / workdir.name}.log", flush=True)
+                continue
+            shown = " ".join(["python", *command]).replace(str(args.data_dir or "~"),
+                                                            "<data folder>")
+            path = add(workdir, f"tsm2_{dataset}_{horizon}", shown,
+                       datetime.date.today().isoformat(), hw)
+            print(f"{dataset}:{horizon} trained in {seconds:.0f} s: {path}", flush=True)
 
 
 def cmd_check(args) -> None:
@@ -171,6 +196,7 @@ def main() -> None:
     p.add_argument("--pairs", required=True, help="e.g. etth2:96,etth2:192")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--runs", default="runs/zoo")
+    p.add_argument("--workers", type=int, default=1, help="train.py processes at a time")
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("check", help="every TSM2 entry's test MSE against its card")
     p.add_argument("--data-dir", default=None)
