@@ -1,6 +1,6 @@
 """Pallas selective-scan kernels (GPU via Triton, TPU via Mosaic). Imports nothing from mmx_jax.
 
-`selective_scan` has the semantics of SPEC section 1 (channels-last):
+`selective_scan` has the semantics of Mamba's selective scan, S6 (channels-last):
 
     u, delta, z : (batch, L, E)    A : (E, N)    B, C : (batch, L, N) or (batch, L, G, N)
     D, delta_bias : (E,)           initial_state : (batch, E, N)
@@ -103,9 +103,9 @@ def selective_scan_walks(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     Walk k of sample b visits the map in the order `walk_codes[b, k]` (`walks.walk_code`),
     reads u (and z) of the map and its own delta, B, C at each position it visits, and runs
-    the recurrence of SPEC section 1 with its own A, D and delta_bias; its output at a step
-    goes to the map position of that step (with `shift`, of the next step: QS's shift,
-    SPEC section 8; the first position then gets 0 from that walk).
+    the S6 recurrence with its own A, D and delta_bias; its output at a step
+    goes to the map position of that step (with `shift`, of the next step: QS's shift
+    (the QSMixer of the paper's later versions); the first position then gets 0 from that walk).
 
     Args:
       u: (batch, H, W, E) the map, read by every walk.  z: optional (batch, H, W, E) gate,

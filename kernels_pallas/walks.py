@@ -1,10 +1,10 @@
 """Walks of a 2-D map: the order in which a scan visits the H x W positions, as arithmetic.
 
-A walk is one of the scan orders of the vision mixers (SPEC sections 7 and 8): row-major,
-column-major, and the boustrophedon ("snake") orders that reverse every odd row or column,
-each forward or reversed. The kernels take a walk as a small integer code and compute the
-row-major position (h * W + w) of scan step s from it, so a map in its natural (H, W) layout
-is read and written in place instead of being permuted into a copy first.
+A walk is one of the scan orders of the vision mixers (ViM2's cross-scan, ViQS's Switch of
+Scans): row-major, column-major, and the boustrophedon ("snake") orders that reverse every odd
+row or column, each forward or reversed. The kernels take a walk as a small integer code and
+compute the row-major position (h * W + w) of scan step s from it, so a map in its natural
+(H, W) layout is read and written in place instead of being permuted into a copy first.
 
     code = 2 * base + reversed,   base: 0 row, 1 col, 2 snake_row, 3 snake_col
 

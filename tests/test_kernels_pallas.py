@@ -9,7 +9,7 @@ compiled on a GPU with `pytest -m gpu`. Cross-lowering tests run each kernel's l
 for its platform (no device needed).
 
 The walk kernels (`selective_scan_walks`, scans along the walks of a 2-D map) are checked the
-same way against `reference_walks.numpy_walk_scan` (float64 NumPy) and against the layout path
+same way against `references.numpy_walk_scan` (float64 NumPy) and against the layout path
 of `selective_scan_2d` (permutations and the sequential scan, in float64).
 """
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference_walks import numpy_walk_scan, random_walk_inputs
+from references import numpy_scan, numpy_walk_scan, random_walk_inputs, rel_err
 
 import kernels_pallas
 from kernels_pallas import WALK_NAMES
@@ -107,43 +107,6 @@ def make_case(rng, shape, dtype, opts):
         if kw["delta_bias"] is not None:
             kw["delta_bias"] = jnp.abs(kw["delta_bias"]) * 0.1
     return args, kw
-
-
-def numpy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state,
-               return_final_state):
-    """The float64 reference loop (SPEC section 1)."""
-    f = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
-    u, delta, A, B, C, D, z, bias, h = map(f, (u, delta, A, B, C, D, z, delta_bias,
-                                               initial_state))
-    b, length, e = u.shape
-    n = A.shape[1]
-    if B.ndim == 3:
-        B, C = B[:, :, None], C[:, :, None]
-    g = B.shape[2]
-    if bias is not None:
-        delta = delta + bias
-    if delta_softplus:
-        delta = np.log1p(np.exp(delta))
-    h = np.zeros((b, e, n)) if h is None else h.copy()
-    group = np.arange(e) // (e // g)
-    y = np.zeros((b, length, e))
-    for t in (range(length - 1, -1, -1) if reverse else range(length)):
-        bt, ct = B[:, t][:, group], C[:, t][:, group]  # (b, e, n)
-        h = np.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * bt
-        y[:, t] = np.einsum("ben,ben->be", h, ct)
-    if D is not None:
-        y = y + D * u
-    if z is not None:
-        y = y * z / (1.0 + np.exp(-z))
-    return (y, h) if return_final_state else y
-
-
-def rel_err(x, ref) -> float:
-    x = np.asarray(x, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert x.shape == ref.shape, (x.shape, ref.shape)
-    assert np.all(np.isfinite(x)), "non-finite values (an element was not written?)"
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def _grad_names(kw):

@@ -7,39 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from references import numpy_scan, rel_err
 
 from mmx_jax import selective_scan
 from mmx_jax.ssm import selective_scan_associative, selective_scan_sequential_vjp
 
 IMPLS = ["sequential", "sequential_vjp", "associative"]
-
-
-def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   reverse=False, initial_state=None):
-    """The SPEC section 1 recurrence, one step at a time, in float64 NumPy."""
-    u, delta, A, B, C = (np.asarray(x, np.float64) for x in (u, delta, A, B, C))
-    b, length, e = u.shape
-    n = A.shape[1]
-    if B.ndim == 3:
-        B, C = B[:, :, None], C[:, :, None]
-    group = np.arange(e) // (e // B.shape[2])  # channel -> group
-    if delta_bias is not None:
-        delta = delta + np.asarray(delta_bias, np.float64)
-    if delta_softplus:
-        delta = np.log1p(np.exp(delta))
-    h = np.zeros((b, e, n)) if initial_state is None else np.asarray(initial_state, np.float64)
-    y = np.zeros((b, length, e))
-    steps = range(length - 1, -1, -1) if reverse else range(length)
-    for t in steps:
-        dt = delta[:, t]  # (b, e)
-        h = np.exp(dt[:, :, None] * A) * h + (dt * u[:, t])[:, :, None] * B[:, t, group]
-        y[:, t] = np.einsum("ben,ben->be", h, C[:, t, group])
-    if D is not None:
-        y = y + np.asarray(D, np.float64) * u
-    if z is not None:
-        z = np.asarray(z, np.float64)
-        y = y * z / (1 + np.exp(-z))
-    return y, h
 
 
 def random_inputs(rng, b=2, length=9, e=6, n=4, groups=None, dtype=np.float32, **options):
@@ -59,11 +32,6 @@ def random_inputs(rng, b=2, length=9, e=6, n=4, groups=None, dtype=np.float32, *
         if options.get(name):
             args[name] = rng.normal(size=shape)
     return {k: v.astype(dtype) for k, v in args.items()}
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
 CASES = {
@@ -87,7 +55,8 @@ def test_matches_float64_loop(rng, impl, case):
     reverse, softplus = opts.pop("reverse", False), opts.get("softplus", False)
     shape = {k: opts.pop(k) for k in ("length", "e", "groups") if k in opts}
     args = random_inputs(rng, **shape, **opts)
-    want_y, want_h = reference_scan(**args, delta_softplus=softplus, reverse=reverse)
+    want_y, want_h = numpy_scan(**args, delta_softplus=softplus, reverse=reverse,
+                                return_final_state=True)
     y, h = selective_scan(**args, delta_softplus=softplus, reverse=reverse,
                           return_final_state=True, impl=impl)
     assert y.dtype == jnp.float32 and h.shape == want_h.shape
@@ -99,7 +68,7 @@ def test_matches_float64_loop(rng, impl, case):
 def test_associative_chunking(rng, chunk):
     """Chunk boundaries (with a padded last chunk) carry the state exactly."""
     args = random_inputs(rng, length=13, D=True, initial_state=True)
-    want_y, want_h = reference_scan(**args)
+    want_y, want_h = numpy_scan(return_final_state=True, **args)
     y, h = selective_scan_associative(**args, return_final_state=True, chunk_size=chunk)
     assert rel_err(y, want_y) <= 1e-5 and rel_err(h, want_h) <= 1e-5
 
@@ -112,7 +81,8 @@ def test_sequential_vjp_unrolled(rng, unroll, case):
     reverse, softplus = opts.pop("reverse", False), opts.get("softplus", False)
     shape = {k: opts.pop(k) for k in ("length", "e", "groups") if k in opts}
     args = random_inputs(rng, **shape, **opts)
-    want_y, want_h = reference_scan(**args, delta_softplus=softplus, reverse=reverse)
+    want_y, want_h = numpy_scan(**args, delta_softplus=softplus, reverse=reverse,
+                                return_final_state=True)
     y, h = selective_scan_sequential_vjp(**args, delta_softplus=softplus, reverse=reverse,
                                          return_final_state=True, unroll=unroll)
     assert rel_err(y, want_y) <= 1e-5 and rel_err(h, want_h) <= 1e-5
@@ -123,8 +93,8 @@ def test_bfloat16_inputs(rng, impl):
     """bfloat16 in, bfloat16 out, float32 inside: only the input/output rounding remains."""
     args = random_inputs(rng, length=10, D=True, z=True, delta_bias=True, softplus=True)
     bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in args.items()}
-    want_y, _ = reference_scan(**{k: np.asarray(v, np.float32) for k, v in bf16.items()},
-                               delta_softplus=True)
+    want_y = numpy_scan(**{k: np.asarray(v, np.float32) for k, v in bf16.items()},
+                        delta_softplus=True)
     y = selective_scan(**bf16, delta_softplus=True, impl=impl)
     assert y.dtype == jnp.bfloat16
     assert rel_err(y, want_y) <= 1e-2  # bf16 output rounding: 2^-8 relative per element

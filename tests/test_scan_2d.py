@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-from reference_walks import WALKS, numpy_walk_scan, random_walk_inputs
+from references import WALKS, numpy_walk_scan, random_walk_inputs, rel_err
 
 from mmx_jax.ssm import WalkDims, resolve_impl_2d, selective_scan_2d
 from mmx_jax.ssm.scan_orders import ALL_ORDERS, CROSS_SCAN
@@ -49,12 +49,6 @@ def make(rng, shape, walks, opts, dtype=np.float32):
 def reference(arrays, kw, names):
     return numpy_walk_scan(**arrays, delta_softplus=kw["delta_softplus"], walk_names=names,
                            shift=kw["shift"], summed=kw["summed"])
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
 @pytest.mark.parametrize("impl", ["sequential", "associative"])

@@ -1,5 +1,5 @@
 """The MambaMixer stack: residual token and channel blocks with weighted averaging of all
-earlier features (SPEC section 5).
+earlier features (the paper's weighted averaging).
 
 Layer l = 1..Lyr:
 

@@ -1,4 +1,4 @@
-"""Selective token and channel mixers (SPEC sections 3, 4 and 8).
+"""Selective token and channel mixers (the paper's selective token and channel mixers, and QSMixer).
 
 Every mixer has the same skeleton, `_GatedSelectiveMixer`:
 
@@ -83,7 +83,7 @@ class SelectiveTokenMixer(_GatedSelectiveMixer):
     Args:
       dim: D.  expand: E = expand * D.  state_dim: N.
       directions: 1 (causal, forward) or 2 (forward and flipped), each with its own causal
-        depthwise conv and S6 parameters; or "quasi_separable" (SPEC section 8): one shared
+        depthwise conv and S6 parameters; or "quasi_separable" (QSMixer): one shared
         conv, forward and backward S6 sharing A and one D skip, outputs shifted one step so
         that the diagonal is D alone: QS(u) = shift(SS_f(u)) + flip(shift(SS_b(flip(u)))) + D*u.
       conv_width: width of the causal depthwise conv.
@@ -143,7 +143,7 @@ class SelectiveTokenMixer(_GatedSelectiveMixer):
 
 
 class CrossScanTokenMixer(_GatedSelectiveMixer):
-    """Selective mixing of a 2-D map (B, H, W, D) along several scan orders (SPEC section 7).
+    """Selective mixing of a 2-D map (B, H, W, D) along several scan orders (ViM2's cross-scan).
 
     A depthwise 3x3 conv on the map, then the K scans (default: VMamba's cross-scan: row-major,
     column-major and both reversed) each with their own S6 parameters, in one scan call; the
@@ -173,7 +173,7 @@ class CrossScanTokenMixer(_GatedSelectiveMixer):
 
 
 class SelectiveChannelMixer(nnx.Module):
-    """Bidirectional selective mixing along a chosen axis (SPEC section 4).
+    """Bidirectional selective mixing along a chosen axis (the paper's selective channel mixer).
 
     Channels have no causal order, so the mixer always scans both ways (or quasi-separably).
     For time series the tensor is (B, M, P, d) and the scan runs along the variates M (axis 1)
@@ -197,7 +197,8 @@ class SelectiveChannelMixer(nnx.Module):
 
 
 class ChannelGroupMixer(nnx.Module):
-    """The image channel mixer (SPEC section 4, our choice).
+    """The image channel mixer: the paper's selective channel mixer over channel groups (our
+    choice).
 
     x (B, L, C) -> Linear C -> 2C -> (B*L, G, F) with F = group_size, G = 2C / F ->
     bidirectional selective mixing along G with F features -> Linear 2C -> C.

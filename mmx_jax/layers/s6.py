@@ -1,4 +1,4 @@
-"""S6: the parameters of K selective-scan directions (SPEC section 2), run as one scan call."""
+"""S6: the parameters of K selective-scan directions (Mamba's S6), run as one scan call."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Switch of Scans (SoS): a token mixer for 2-D maps that picks its scan orders per sample
-(SPEC section 8, our design).
+(our design, from the paper's later versions).
 
     logits = Linear(concat_d(pool(h_d)))      h_d = silu(dwconv_dilation_d(h_{d-1})), h_0 = x
     top-k scans by logit fill k slots (slot 0 the highest), each slot with its own S6

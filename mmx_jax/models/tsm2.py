@@ -1,4 +1,4 @@
-"""TSM2: MambaMixer for multivariate long-term forecasting (SPEC section 6).
+"""TSM2: MambaMixer for multivariate long-term forecasting (the MambaMixer paper's TSM2).
 
     x (B, Lin, M) -> RevIN -> [covariate steps appended on the time axis] -> patches
     (B, M, P, patch_len) -> Linear + positional embedding (B, M, P, d) -> Lyr MambaMixer layers

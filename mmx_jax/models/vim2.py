@@ -1,4 +1,4 @@
-"""ViM2: the hierarchical MambaMixer vision backbone (SPEC section 7).
+"""ViM2: the hierarchical MambaMixer vision backbone (the MambaMixer paper's ViM2).
 
     image (B, H, W, 3) -> stem (s x s conv, stride s) + LayerNorm -> (B, H/s, W/s, C1)
     -> 4 stages; stage i at width C_i, between stages a 2x2 stride-2 conv to 2 C_i + LayerNorm
@@ -35,7 +35,7 @@ from mmx_jax.layers import (
 
 CHANNEL_MIXERS = ("selective", "mlp")
 
-#: The paper's sizes (SPEC section 7) with our drop-path rates (Swin's for T/S/B, the recipe the
+#: The paper's sizes with our drop-path rates (Swin's for T/S/B, the recipe the
 #: paper follows).
 SIZES: dict[str, dict] = {
     "tiny": dict(widths=(96, 192, 384, 768), token_depths=(2, 2, 6, 2),

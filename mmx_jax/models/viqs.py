@@ -1,4 +1,4 @@
-"""ViQS: ViM2 with QSMixer blocks and Switch of Scans (SPEC section 8, our reading).
+"""ViQS: ViM2 with QSMixer blocks and Switch of Scans (our reading of the paper's later versions).
 
 The same hierarchy, widths and depths as ViM2 (`vim2.SIZES`); two mixers change:
 

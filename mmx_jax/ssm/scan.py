@@ -1,6 +1,6 @@
 """All implementations of the selective scan (S6), behind one dispatcher.
 
-Channels-last layout (SPEC section 1):
+Mamba's selective scan, channels-last:
 
     u, delta : (batch, length, E)     A : (E, N), negative
     B, C     : (batch, length, N) or (batch, length, G, N), E divisible by G
@@ -146,16 +146,25 @@ def _finish(y, h_last, u, D, z, reverse, return_final_state, dims):
     return y
 
 
+def _run(core: Callable, dims: ScanDims, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+         delta_softplus=False, reverse=False, initial_state=None, return_final_state=False,
+         **core_kwargs):
+    """A recurrence `core(prepared) -> (y, h_last)` on checked arguments of shape `dims`."""
+    p = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, reverse, initial_state, dims)
+    y, h_last = core(p, **core_kwargs)
+    return _finish(y, h_last, u, D, z, reverse, return_final_state, dims)
+
+
 def _reference_impl(core: Callable) -> Callable:
-    """Turns a recurrence `core(prepared) -> (y, h_last)` into a full scan implementation."""
+    """Turns a recurrence `core(prepared) -> (y, h_last)` into a full scan implementation that
+    checks its arguments (the dispatcher, which has checked them, runs `core` directly)."""
 
     @functools.wraps(core)
     def impl(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
              reverse=False, initial_state=None, return_final_state=False, **core_kwargs):
         dims = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        p = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, reverse, initial_state, dims)
-        y, h_last = core(p, **core_kwargs)
-        return _finish(y, h_last, u, D, z, reverse, return_final_state, dims)
+        return _run(core, dims, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                    initial_state, return_final_state, **core_kwargs)
 
     return impl
 
@@ -352,11 +361,8 @@ def resolve_impl(impl: str, dims: ScanDims | None = None) -> str:
                     "XLA's CPU backend runs a step loop with the hand-written backward pass "
                     "fastest at every measured shape (benchmarks/README.md, 'On a CPU')")
         return "sequential_vjp"
-    try:
-        import kernels_pallas  # noqa: PLC0415
-    except ImportError as err:  # pragma: no cover - the package ships with mmx_jax
-        _log_choice(platform, dims, "associative", str(err))
-        return "associative"
+    import kernels_pallas  # noqa: PLC0415  (lazy: Pallas loads only where it runs)
+
     reason = kernels_pallas.unsupported_reason(platform, **dims._asdict()) if dims else None
     if reason:
         _log_choice(platform, dims, "associative", reason)
@@ -391,12 +397,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                   reverse=reverse, initial_state=initial_state,
                   return_final_state=return_final_state)
-    match resolve_impl(impl, dims):
-        case "sequential":
-            return selective_scan_sequential(u, delta, A, B, C, **kwargs)
-        case "sequential_vjp":
-            return selective_scan_sequential_vjp(u, delta, A, B, C, **kwargs)
-        case "associative":
-            return selective_scan_associative(u, delta, A, B, C, **kwargs)
-        case "pallas":
-            return selective_scan_pallas(u, delta, A, B, C, **kwargs)
+    impl = resolve_impl(impl, dims)
+    if impl == "pallas":  # the kernels' package checks the shapes it supports itself
+        import kernels_pallas  # noqa: PLC0415
+
+        return kernels_pallas.selective_scan(u, delta, A, B, C, **kwargs)
+    core = {"sequential": selective_scan_sequential, "sequential_vjp":
+            selective_scan_sequential_vjp, "associative": selective_scan_associative}[impl]
+    return _run(core.__wrapped__, dims, u, delta, A, B, C, **kwargs)

@@ -1,4 +1,5 @@
-"""Selective scans along the walks of a 2-D map (SPEC sections 7 and 8), behind one dispatcher.
+"""Selective scans along the walks of a 2-D map (ViM2's cross-scan, ViQS's Switch of Scans),
+behind one dispatcher.
 
 Map layout, channels last:
 
@@ -11,9 +12,9 @@ Walk k of sample b visits the H*W positions in the scan order `walks[k]` (fixed 
 the cross-scan), or `walks[walk_index[b, k]]` (orders chosen per sample, as Switch of Scans).
 Along its order it is the selective scan of `mmx_jax.ssm.scan` with its own A, D and
 delta_bias, reading u, z and its own delta, B, C at the positions it visits; its output goes
-back to the position of its step, or with `shift` to that of the next step (QS's shift, SPEC
-section 8: the first position gets 0 from the walk). The outputs come back summed over the
-walks (weighted per sample and walk, if `weights`) or per walk.
+back to the position of its step, or with `shift` to that of the next step (QS's shift, the
+paper's QSMixer: the first position gets 0 from the walk). The outputs come back summed
+over the walks (weighted per sample and walk, if `weights`) or per walk.
 
 Every per-walk array is in map layout, so a layer computes it from the map position by
 position (delta, B and C are projections of u at each position: they do not depend on the
@@ -196,11 +197,8 @@ def resolve_impl_2d(impl: str, dims: WalkDims | None = None) -> str:
     platform = jax.default_backend()
     if platform not in ("gpu", "cuda", "rocm", "tpu"):
         return "sequential"  # as selective_scan: the step loop is the faster CPU scan
-    try:
-        import kernels_pallas  # noqa: PLC0415
-    except ImportError as err:  # pragma: no cover - the package ships with mmx_jax
-        log.info("selective_scan_2d: auto falls back to 'associative': %s", err)
-        return "associative"
+    import kernels_pallas  # noqa: PLC0415  (lazy: Pallas loads only where it runs)
+
     reason = kernels_pallas.unsupported_walks_reason(platform, **dims._asdict()) if dims else None
     if reason:
         log.info("selective_scan_2d: auto falls back to 'associative': %s", reason)
@@ -221,7 +219,7 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
       walks: scan order names (`scan_orders.ALL_ORDERS`): slot k's walk when walk_index is
         None (K = len(walks)), else the bank that walk_index picks from.
       walk_index: optional int (batch, K): slot k of sample b walks walks[walk_index[b, k]].
-      shift: every walk's output moves one step later along its walk (QS, SPEC section 8).
+      shift: every walk's output moves one step later along its walk (QSMixer).
       summed: return the sum over walks, else each walk's output.
       weights: optional (batch, K): the sum weighs slot k of sample b by weights[b, k]
         (summed only).

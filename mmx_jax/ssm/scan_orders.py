@@ -16,7 +16,7 @@ import numpy as np
 BASE_ORDERS = ("row", "col", "snake_row", "snake_col")
 #: Every order the Switch of Scans bank draws from: each base order, forward and reversed.
 ALL_ORDERS = BASE_ORDERS + tuple(f"{name}_rev" for name in BASE_ORDERS)
-#: The four scans of VMamba-style cross-scan (SPEC section 7).
+#: The four scans of VMamba-style cross-scan (ViM2's token mixer).
 CROSS_SCAN = ("row", "col", "row_rev", "col_rev")
 
 

@@ -1,9 +1,10 @@
-"""Float64 NumPy reference of the selective scan along the walks of a 2-D map, shared by the
-tests of `selective_scan_2d` and of the Pallas walk kernels.
+"""The tests' float64 NumPy references: the selective scan (S6) one step at a time, the same
+along the walks of a 2-D map, and the relative error they are compared by. Shared by the tests
+of `selective_scan`, `selective_scan_2d` and the Pallas kernels.
 
-Everything here is written from the definitions (SPEC sections 1, 7 and 8), with its own walk
-orders built by nested loops: it shares no code with `mmx_jax.ssm.scan_orders` or
-`kernels_pallas.walks`.
+Everything here is written from the definitions (S6, the scan orders of ViM2 and ViQS), with
+its own walk orders built by nested loops: it shares no code with `mmx_jax.ssm`,
+`mmx_jax.ssm.scan_orders` or `kernels_pallas.walks`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,44 @@ import numpy as np
 
 WALKS = ("row", "col", "snake_row", "snake_col", "row_rev", "col_rev", "snake_row_rev",
          "snake_col_rev")
+
+
+def numpy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+               reverse=False, initial_state=None, return_final_state=False):
+    """The S6 recurrence, one step at a time, in float64: y (b, L, E), or (y, h_last)."""
+    f = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
+    u, delta, A, B, C, D, z, bias, h = map(f, (u, delta, A, B, C, D, z, delta_bias,
+                                               initial_state))
+    b, length, e = u.shape
+    n = A.shape[1]
+    if B.ndim == 3:
+        B, C = B[:, :, None], C[:, :, None]
+    g = B.shape[2]
+    if bias is not None:
+        delta = delta + bias
+    if delta_softplus:
+        delta = np.log1p(np.exp(delta))
+    h = np.zeros((b, e, n)) if h is None else h.copy()
+    group = np.arange(e) // (e // g)
+    y = np.zeros((b, length, e))
+    for t in (range(length - 1, -1, -1) if reverse else range(length)):
+        bt, ct = B[:, t][:, group], C[:, t][:, group]  # (b, e, n)
+        h = np.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * bt
+        y[:, t] = np.einsum("ben,ben->be", h, ct)
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * z / (1.0 + np.exp(-z))
+    return (y, h) if return_final_state else y
+
+
+def rel_err(x, ref) -> float:
+    """||x - ref|| / ||ref||, after checking that x has ref's shape and no NaN or inf."""
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    assert np.all(np.isfinite(x)), "non-finite values (an element was not written?)"
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def walk_order(name: str, height: int, width: int) -> list[int]:
