@@ -275,31 +275,38 @@ def fmt(value: float | None, digits: int) -> str:
 
 def print_tables(labels: list[str], rows: dict[str, list[dict]]) -> None:
     first = rows[labels[0]][0]
-    total, per_epoch, batch = first["steps"]
-    print(f"\n{first['device']}. The job: {total} steps ({per_epoch} per epoch), batch {batch}; "
-          "seconds per occurrence, then times how often the job runs it\n")
+    print(f"\n{first['device']}. Seconds per occurrence, then times how often the job runs it")
+    for lb in labels:
+        total, per_epoch, batch = rows[lb][0]["steps"]
+        print(f"- {lb}: {total} steps ({per_epoch} per epoch), batch {batch}")
+    print()
     print("| part | " + " | ".join(f"{lb} | {lb} x count" for lb in labels) + " |")
     print("|---|" + "---|---|" * len(labels))
     sums = dict.fromkeys(labels, 0.0)
     for key in first["job"]:
-        count = first["counts"].get(key, 1)
         cells = []
         for lb in labels:
+            count = rows[lb][0]["counts"].get(key, 1)
             value = med(r["job"][key] for r in rows[lb])
             sums[lb] += value * count
             cells += [fmt(value, 4 if value < 1 else 2), fmt(value * count, 1)]
-        name = f"{key} (x {count})" if key in first["counts"] else key
+        counts = "/".join(str(rows[lb][0]["counts"][key]) for lb in labels
+                          ) if key in first["counts"] else ""
+        name = f"{key} (x {counts})" if counts else key
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("| **sum (nothing overlapped)** | " + " | ".join(f" | **{sums[lb]:.1f}**"
                                                         for lb in labels) + " |")
 
-    print("\nThe training step by part, ms: forward | forward + backward\n")
+    print("\nThe training step by part, ms: forward | forward + backward (a variant of other "
+          "shapes has rows of its own)\n")
     print("| part | " + " | ".join(f"{lb} fwd | {lb} fwd+bwd" for lb in labels) + " |")
     print("|---|" + "---|---|" * len(labels))
-    for key in first["parts"]:
+    keys = list(dict.fromkeys(k for lb in labels for k in rows[lb][0]["parts"]))
+    for key in keys:
         cells = []
         for lb in labels:
-            cells += [fmt(med(r["parts"][key][i] for r in rows[lb]), 2) for i in (0, 1)]
+            cells += [fmt(med(r["parts"][key][i] for r in rows[lb] if key in r["parts"]), 2)
+                      for i in (0, 1)]
         print(f"| {key} | " + " | ".join(cells) + " |")
     print("| the jitted training step (AdamW update included) | " + " | ".join(
         f" | {med(r['job']['training step'] for r in rows[lb]) * 1e3:.2f}" for lb in labels)

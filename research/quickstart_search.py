@@ -22,8 +22,8 @@ asks for more runs of it (a workdir is removed before each run, so nothing resum
 most --budget seconds, the lowest validation MSE (seed 0; equal-validation ties go to the
 faster). Test metrics are printed next to it and never used to choose.
 
-Candidates are overrides of the base, the quick start's plain defaults. `s7` is the recipe configs/tsm2.py's
-`paper` setting chose on validation for ETTh1 H=96 (stage 7 of research/tsm2_reproduce.py:
+Candidates are overrides of the base, the quick start's plain defaults. `s7` is the recipe
+configs/tsm2.py's `paper` setting chose on validation for ETTh1 H=96 (stage 7 of research/tsm2_reproduce.py:
 d_model 16, 1 layer, N = 4, no dropout, residual branches scaled from 0, the mixers at 0.01 x
 the learning rate 1e-3, weight decay 0.1), at input 336 or 512 and for fewer epochs than its
 6; every candidate evaluates in batches of 32 windows (on a CPU, batches of 256 take about
@@ -76,6 +76,8 @@ def flag(key: str, value) -> str:
 
 def read_runs(out: pathlib.Path) -> list[dict]:
     path = out / "search.jsonl"
+    if out.resolve() == (REPO / "results").resolve():  # the search recorded in the repository
+        path = out / "quickstart_search.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -130,7 +132,8 @@ def table(runs: list[dict], budget: float) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("run", "table"))
-    parser.add_argument("--out", required=True, type=pathlib.Path)
+    parser.add_argument("--out", default=pathlib.Path("runs/quickstart"), type=pathlib.Path,
+                        help="workdirs and search.jsonl")
     parser.add_argument("--only", default=None, help="comma-separated candidate names")
     parser.add_argument("--repeat", type=int, default=1, help="runs wanted per candidate")
     parser.add_argument("--budget", type=float, default=60.0, help="wall seconds")
@@ -148,7 +151,7 @@ def main():
                     f.write(json.dumps(row) + "\n")
                 print(f"{name}: {row['wall_s']:.0f} s (load {row['load_before']:.1f}), val "
                       f"{row['best_val_mse']:.4f}, test {row['test_mse']:.4f}", flush=True)
-    table(read_runs(args.out), args.budget)
+    table(read_runs(args.out), args.budget)  # the recorded search: --out results
 
 
 if __name__ == "__main__":
