@@ -26,8 +26,9 @@ Candidates are overrides of the base, the quick start's plain defaults. `s7` is 
 configs/tsm2.py's `paper` setting chose on validation for ETTh1 H=96 (stage 7 of
 research/tsm2_reproduce.py: d_model 16, 1 layer, N = 4, no dropout, residual branches scaled
 from 0, the mixers at 0.01 x the learning rate 1e-3, weight decay 0.1), at input 336 or 512
-and for fewer epochs than its 6; every candidate evaluates in batches of 32 windows (on a CPU, batches of 256 take about
-twice as long per window: benchmarks/README.md) and uses the scan `auto` picks.
+and for fewer epochs than its 6; every candidate evaluates in batches of 32 windows (on a
+CPU, batches of 256 take about twice as long per window: benchmarks/README.md) and uses the
+scan `auto` picks.
 """
 
 from __future__ import annotations
