@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,17 +50,21 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_loop(rng, impl, case):
+def scan_case(rng, case: str, scan):
+    """(y, h_last) of `scan` on CASES[case]'s random arguments, and the float64 loop's."""
     opts = dict(CASES[case])
     reverse, softplus = opts.pop("reverse", False), opts.get("softplus", False)
     shape = {k: opts.pop(k) for k in ("length", "e", "groups") if k in opts}
     args = random_inputs(rng, **shape, **opts)
-    want_y, want_h = numpy_scan(**args, delta_softplus=softplus, reverse=reverse,
-                                return_final_state=True)
-    y, h = selective_scan(**args, delta_softplus=softplus, reverse=reverse,
-                          return_final_state=True, impl=impl)
+    want = numpy_scan(**args, delta_softplus=softplus, reverse=reverse, return_final_state=True)
+    return scan(**args, delta_softplus=softplus, reverse=reverse, return_final_state=True), want
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_loop(rng, impl, case):
+    (y, h), (want_y, want_h) = scan_case(rng, case, functools.partial(selective_scan,
+                                                                      impl=impl))
     assert y.dtype == jnp.float32 and h.shape == want_h.shape
     assert rel_err(y, want_y) <= 1e-5
     assert rel_err(h, want_h) <= 1e-5
@@ -77,14 +83,8 @@ def test_associative_chunking(rng, chunk):
 @pytest.mark.parametrize("case", ["everything", "odd_length"])
 def test_sequential_vjp_unrolled(rng, unroll, case):
     """Steps unrolled per loop iteration (3 does not divide 13 or 7; 13 is all of them)."""
-    opts = dict(CASES[case])
-    reverse, softplus = opts.pop("reverse", False), opts.get("softplus", False)
-    shape = {k: opts.pop(k) for k in ("length", "e", "groups") if k in opts}
-    args = random_inputs(rng, **shape, **opts)
-    want_y, want_h = numpy_scan(**args, delta_softplus=softplus, reverse=reverse,
-                                return_final_state=True)
-    y, h = selective_scan_sequential_vjp(**args, delta_softplus=softplus, reverse=reverse,
-                                         return_final_state=True, unroll=unroll)
+    (y, h), (want_y, want_h) = scan_case(
+        rng, case, functools.partial(selective_scan_sequential_vjp, unroll=unroll))
     assert rel_err(y, want_y) <= 1e-5 and rel_err(h, want_h) <= 1e-5
 
 
