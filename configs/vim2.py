@@ -56,6 +56,7 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
         train_split="train",
         eval_split="test" if small_images else "validation",
         val_holdout=1000 if small_images else 10000,
+        max_eval_images=0,  # 0: every image; else that many of each evaluation split (spread)
         pipeline="memory" if small_images else "grain",
         workers=0 if small_images else 16,
         channels=0,  # 0: the source's default (idx files 1, image folders 3), else 1 or 3
@@ -111,6 +112,7 @@ def get_config(arg: str | None = None, family: str = FAMILY) -> ml_collections.C
             "model.channel_depths": (1, 1, 1, 1), "model.stem_stride": 2,
             "model.drop_path_rate": 0.0, "model.dt_rank": "auto", "model.dtype": "float32",
             "data.batch_size": 16, "data.eval_batch_size": 32, "data.val_holdout": 32,
+            "data.max_eval_images": 256,
             "train.num_epochs": 1, "train.steps_per_epoch": 4, "train.log_every_steps": 2,
             "train.checkpoint_every_steps": 2, "optimizer.warmup_epochs": 0.0,
             "optimizer.warmup_steps": 1,

@@ -121,6 +121,7 @@ CLASSIFICATION: dict[str, Check] = {
     "data.channels": integer(0, 4),
     "data.image_size": integer(8),
     "data.val_holdout": integer(0),
+    "data.max_eval_images": integer(0),
     "data.workers": integer(0),
     "data.crop_padding": integer(-1),
     "data.flip": boolean,

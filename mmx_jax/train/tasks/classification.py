@@ -49,6 +49,18 @@ class _Subset:
         return self.source[int(self.indices[i])]
 
 
+def _spread_subset(source, count: int):
+    """`count` examples of `source` at evenly spaced positions (a split stored class by class
+    keeps its classes), or the whole source if it has no more."""
+    if len(source) <= count:
+        return source
+    picked = np.linspace(0, len(source) - 1, count).round().astype(np.int64)
+    if isinstance(source, img.ImageArrays):
+        return img.ImageArrays(source.images[picked], source.labels[picked],
+                               source.class_names)
+    return _Subset(source, picked)
+
+
 def _holdout_split(n: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
     if not 0 <= holdout < n:
         raise ValueError(f"data.val_holdout={holdout} must be in [0, {n}) for a training split "
@@ -92,6 +104,8 @@ class ClassificationTask(Task):
                 val, train = _Subset(train, held), _Subset(train, keep)
         else:
             val = test
+        if d.get("max_eval_images", 0):
+            val, test = (_spread_subset(s, d.max_eval_images) for s in (val, test))
         task = cls(config, {"train": train, "val": val, "test": test}, len(train.class_names))
         task.mean, task.std = _statistics(d, train)
         return task
@@ -292,6 +306,24 @@ def _available_splits(d) -> list[str] | None:
     return None
 
 
+def _channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of (..., C) pixels in 0..1 units. uint8 images
+    go through a 256-bin histogram per channel (exact counts, no float copy of the images)."""
+    channels = images.shape[-1]
+    if images.dtype != np.uint8:
+        pixels = images.reshape(-1, channels).astype(np.float64) / 255.0
+        return pixels.mean(axis=0), pixels.std(axis=0)
+    flat = images.reshape(-1, channels)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = np.empty(channels), np.empty(channels)
+    for c in range(channels):
+        counts = np.bincount(flat[:, c], minlength=256).astype(np.float64)
+        total = counts.sum()
+        mean[c] = counts @ values / total
+        std[c] = np.sqrt(max(counts @ (values - mean[c]) ** 2 / total, 0.0))
+    return mean, std
+
+
 def _statistics(d, train) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel in 0..1 units: the config's, or, where it gives None, measured
     on (up to 5000 images of) the training split."""
@@ -302,8 +334,7 @@ def _statistics(d, train) -> tuple[tuple[float, ...], tuple[float, ...]]:
     else:
         picks = np.random.default_rng(0).permutation(len(train))[:5000]
         images = np.stack([np.asarray(train[int(i)]["image"]) for i in picks])
-    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    mean, std = pixels.mean(axis=0), pixels.std(axis=0)
+    mean, std = _channel_statistics(images)
     std = np.where(std > 0, std, 1.0)
     log.info("image statistics measured on the training split (%d images): mean %s, std %s",
              len(images), np.round(mean, 4).tolist(), np.round(std, 4).tolist())
