@@ -72,6 +72,7 @@ def test_training_inputs_are_normalised(cifar_folder):
     assert set(np.unique(batch["label"])) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_tiny_vim2_learns_real_images_through_the_loop(cifar_folder, tmp_path):
     config = _config(cifar_folder)
     results = train_and_evaluate(config, tmp_path / "run", devices=jax.devices()[:1])
@@ -110,6 +111,7 @@ def test_cutout_sets_one_mean_square_per_image_and_is_deterministic(cifar_folder
     assert np.any(np.asarray(other) != images)
 
 
+@pytest.mark.slow
 def test_flip_test_time_augmentation_makes_predictions_mirror_invariant(cifar_folder):
     from flax import nnx  # noqa: PLC0415
 

@@ -88,6 +88,7 @@ def test_revin_makes_the_forecast_shift_equivariant(rng):
     np.testing.assert_allclose(model(x + shift), model(x) + shift, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_zero_layer_scale_starts_as_the_models_linear_part(rng):
     """layer_scale=0 makes every mixer block the identity: the forecast is that of the same
     embedding and head with no layers, and the scales still get gradients."""

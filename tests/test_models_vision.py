@@ -72,6 +72,7 @@ def test_registry_names_every_vision_model():
         assert {f"vim2_{size}", f"vim2_{size}_mlp", f"viqs_{size}"} <= names
 
 
+@pytest.mark.slow
 def test_param_counts_of_the_full_size_models():
     """Counted on abstract shapes (nothing initialised); ViM2 within 10 % of the paper."""
     rows = []
@@ -156,6 +157,7 @@ def test_viqs_in_bfloat16_with_the_small_image_stem(rng):
 
 @pytest.mark.parametrize("stride,sizes", [(2, [(16, 16), (8, 8), (4, 4), (2, 2)]),
                                           (4, [(8, 8), (4, 4), (2, 2), (1, 1)])])
+@pytest.mark.slow
 def test_conv_stem_keeps_the_stage_strides(rng, stride, sizes):
     """The overlapping 3x3 conv stem: same stage shapes as the patch stem of that stride, two
     convolutions (to C/2, then C), and every output pixel of the first stage depends on a
@@ -404,6 +406,7 @@ def cifar_train_images(shared_data: pathlib.Path, classes: tuple[str, ...], per_
     return np.stack(images), np.asarray(labels, np.int32)
 
 
+@pytest.mark.slow
 def test_tiny_vim2_overfits_a_few_real_cifar_images(shared_data):
     classes = ("airplane", "automobile", "bird", "cat")
     images, labels = cifar_train_images(shared_data, classes, per_class=4)

@@ -104,6 +104,7 @@ NO_DECAY_NAMES = {"A_log", "D", "dt_bias", "bias", "conv_bias", "scale", "pos_em
     ("viqs_tiny", dict(num_classes=4, widths=(8, 16, 32, 64), token_depths=(1, 1, 1, 1),
                        channel_depths=(1, 1, 1, 1))),
 ])
+@pytest.mark.slow
 def test_one_step_with_zero_gradients_moves_only_the_decayed_parameters(name, shapes):
     """With zero gradients Adam's update is zero: only weight decay moves a parameter."""
     from flax import nnx

@@ -45,6 +45,7 @@ def losses(workdir):
     return np.array([row["train_loss"] for row in read_metrics(workdir) if "train_loss" in row])
 
 
+@pytest.mark.slow
 def test_sharded_run_matches_one_device_and_fsdp_shards_parameters(tmp_path):
     """Same seed and data: the (data=4, fsdp=2) loss curve equals the one-device curve."""
     one = small_config()
@@ -86,6 +87,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
     reference = subprocess.run(_train_command(tmp_path / "ref"), env=_env(), cwd=tmp_path,
                                capture_output=True, text=True, timeout=600)
@@ -149,6 +151,7 @@ def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
     assert floats and all(np.all(np.isfinite(x)) for x in floats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_devices, eval_devices", [(8, 1), (1, 8)])
 def test_checkpoints_restore_on_a_different_device_count(tmp_path, train_devices, eval_devices):
     config = small_config()
