@@ -174,23 +174,23 @@ def _decode_folder(source: FolderSource, size: tuple[int, int] | None, num_worke
     chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
     args = (source.channels, size, shape, skip)
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    bar = tqdm(total=len(paths), desc=f"decoding {source.split}", unit=" images",
-               disable=not progress)
     parts = []
-    if workers == 0 or len(chunks) == 1:
-        for chunk in chunks:
-            parts.append(_decode_chunk(chunk, *args))
-            bar.update(len(chunk))
-    else:
-        # spawn, not fork: the parent may already run JAX's threads.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)),
-                                                    mp_context=context) as pool:
-            futures = [pool.submit(_decode_chunk, chunk, *args) for chunk in chunks]
-            for future, chunk in zip(futures, chunks, strict=True):
-                parts.append(future.result())
+    # Closed on errors too, so that an error message starts on a line of its own.
+    with tqdm(total=len(paths), desc=f"decoding {source.split}", unit=" images",
+              disable=not progress) as bar:
+        if workers == 0 or len(chunks) == 1:
+            for chunk in chunks:
+                parts.append(_decode_chunk(chunk, *args))
                 bar.update(len(chunk))
-    bar.close()
+        else:
+            # spawn, not fork: the parent may already run JAX's threads.
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)),
+                                                        mp_context=context) as pool:
+                futures = [pool.submit(_decode_chunk, chunk, *args) for chunk in chunks]
+                for future, chunk in zip(futures, chunks, strict=True):
+                    parts.append(future.result())
+                    bar.update(len(chunk))
     images = np.concatenate([p[0] for p in parts])
     ok = np.concatenate([p[1] for p in parts])
     if not ok.any():

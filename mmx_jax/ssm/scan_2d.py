@@ -239,6 +239,6 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         case "pallas":
             return _scan_2d_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                    **kwargs)
-        case "sequential" | "associative" as layout_impl:
+        case "sequential" | "sequential_vjp" | "associative" as layout_impl:
             return _scan_2d_layout(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                    impl=layout_impl, dims=dims, **kwargs)

@@ -136,7 +136,7 @@ CLASSIFICATION: dict[str, Check] = {
 }
 MODEL: dict[str, Check] = {  # keys the families share; each applies where the config has it
     "model.dtype": choice("float32", "bfloat16"),
-    "model.scan_impl": choice("auto", "sequential", "associative", "pallas"),
+    "model.scan_impl": choice("auto", "sequential", "sequential_vjp", "associative", "pallas"),
     "model.scan_layout": choice("walks", "permuted"),
     "model.d_model": integer(1),
     "model.num_layers": integer(0),
