@@ -51,7 +51,7 @@ def reference(arrays, kw, names):
                            shift=kw["shift"], summed=kw["summed"])
 
 
-@pytest.mark.parametrize("impl", ["sequential", "associative"])
+@pytest.mark.parametrize("impl", ["sequential", "sequential_vjp", "associative"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_path_matches_float64_loop(rng, impl, case):
     arrays, kw, names = make(rng, *CASES[case])
