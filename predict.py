@@ -90,7 +90,10 @@ def _forecast(model) -> None:
     frame = read_frame(f.input)
     forecast = model.predict(frame, end=f.end, freq=f.freq, source=f.input)
     if f.output:
-        forecast.to_csv(f.output, index=False, date_format="%Y-%m-%d %H:%M:%S")
+        dates = pd.DatetimeIndex(forecast["date"])
+        daily = bool((dates == dates.normalize()).all())  # no time of day: dates alone
+        forecast.to_csv(f.output, index=False,
+                        date_format="%Y-%m-%d" if daily else "%Y-%m-%d %H:%M:%S")
         print(f"wrote {len(forecast)} rows to {f.output}", file=sys.stderr)
     else:
         with pd.option_context("display.max_rows", 1000, "display.width", 160):

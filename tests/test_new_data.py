@@ -69,6 +69,9 @@ def test_a_daily_series_with_another_layout_trains_and_evaluates_from_flags(tmp_
     assert list(future.columns) == ["date", "temperature", "price", "wind", "holiday", "load"]
     last = pd.read_csv(tmp_path / "sales.csv", parse_dates=["date"])["date"].iloc[-1]
     assert list(future["date"]) == list(pd.date_range(last, periods=15, freq="D")[1:])
+    # Daily dates are written as dates, as the file had them.
+    assert (tmp_path / "future.csv").read_text().splitlines()[1].split(",")[0] == \
+        future["date"].iloc[0].strftime("%Y-%m-%d")
     assert 50 < future["load"].mean() < 200  # file units, not scaled ones
     assert (tmp_path / "future.png").stat().st_size > 10_000
 
