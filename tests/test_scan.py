@@ -103,39 +103,34 @@ def test_bfloat16_inputs(rng, impl):
 GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reverse", [False, True])
-def test_gradients_of_every_input(rng, impl, reverse):
-    """Reverse-mode gradients of y and of the final state against float64 finite differences."""
+def check_scan_grads(rng, scan, reverse: bool) -> None:
+    """Reverse-mode gradients of `scan`'s y and final state, w.r.t. every input, against
+    float64 finite differences."""
     args = random_inputs(rng, b=2, length=5, e=4, n=3, groups=2, dtype=np.float64, D=True,
                          z=True, delta_bias=True, softplus=True, initial_state=True)
     weights = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 4, 3))
     with jax.enable_x64(True):
         def loss(*xs):
-            y, h = selective_scan(**dict(zip(GRAD_ARGS, xs, strict=True)), delta_softplus=True,
-                                  reverse=reverse, return_final_state=True, impl=impl)
+            y, h = scan(**dict(zip(GRAD_ARGS, xs, strict=True)), delta_softplus=True,
+                        reverse=reverse, return_final_state=True)
             return jnp.sum(y * weights[0]) + jnp.sum(h * weights[1])
 
         xs = tuple(jnp.asarray(args[k]) for k in GRAD_ARGS)
         check_grads(loss, xs, order=1, modes=["rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradients_of_every_input(rng, impl, reverse):
+    check_scan_grads(rng, functools.partial(selective_scan, impl=impl), reverse)
 
 
 @pytest.mark.parametrize("unroll", [1, 2, 5])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_sequential_vjp_gradients_unrolled(rng, unroll, reverse):
-    """The hand-written backward pass at every unroll setting, in float64 as above."""
-    args = random_inputs(rng, b=2, length=5, e=4, n=3, groups=2, dtype=np.float64, D=True,
-                         z=True, delta_bias=True, softplus=True, initial_state=True)
-    weights = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 4, 3))
-    with jax.enable_x64(True):
-        def loss(*xs):
-            y, h = selective_scan_sequential_vjp(
-                **dict(zip(GRAD_ARGS, xs, strict=True)), delta_softplus=True, reverse=reverse,
-                return_final_state=True, unroll=unroll)
-            return jnp.sum(y * weights[0]) + jnp.sum(h * weights[1])
-
-        xs = tuple(jnp.asarray(args[k]) for k in GRAD_ARGS)
-        check_grads(loss, xs, order=1, modes=["rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
+    """The hand-written backward pass at every unroll setting."""
+    check_scan_grads(rng, functools.partial(selective_scan_sequential_vjp, unroll=unroll),
+                     reverse)
 
 
 def test_gradients_agree_across_impls_in_float32(rng):
