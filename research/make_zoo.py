@@ -94,7 +94,9 @@ def add(workdir: pathlib.Path, name: str, command: str, date: str, hw: str) -> p
         "metrics": {k: v for k, v in results.items() if k.startswith(("best_val_", "test_"))},
         "recorded_seed0_test_mse": recorded["test_mse"] if recorded else None,
         "model": {"name": model_name, "kwargs": kwargs},
-        "config": json.loads(config.to_json_best_effort()),
+        # The data folder is the trainer's machine's: the card names the data set instead.
+        "config": {**json.loads(config.to_json_best_effort()),
+                   "data": {**json.loads(config.data.to_json_best_effort()), "data_dir": None}},
         "data": card,
     }
     return save_pretrained(name, trained.model, entry)
