@@ -48,7 +48,7 @@ def load_trained(workdir: str | os.PathLike, checkpoint: str | int = "best") -> 
     """The model of a checkpoint of a training workdir ("best", "latest" or a step), on the
     default device, with its EMA weights where the run kept an EMA."""
     from mmx_jax.train.checkpoint import Checkpoints, abstract_with_shardings  # noqa: PLC0415
-    from mmx_jax.train.loop import _split, build_state  # noqa: PLC0415
+    from mmx_jax.train.loop import _split, build_state, model_of_state  # noqa: PLC0415
     from mmx_jax.train.tasks.base import create_task_model  # noqa: PLC0415
     from mmx_jax.train.workdir import load_config  # noqa: PLC0415
 
@@ -64,9 +64,7 @@ def load_trained(workdir: str | os.PathLike, checkpoint: str | int = "best") -> 
         state, _, step = checkpoints.restore(checkpoint, target)
     finally:
         checkpoints.close()
-    model = nnx.merge(graphdefs["model"], state["model"])
-    if "ema" in state:
-        nnx.update(model, state["ema"])
+    model = model_of_state(graphdefs["model"], state)
     model.eval()
     return Trained(model, config, card, step)
 

@@ -4,6 +4,7 @@ r"""Searches the quick-start config of configs/tsm2.py on ETTh1's validation spl
     python -m research.quickstart_search run --out runs/quickstart \
         --only s7_512_e2_lr3e-3_x1n2 --repeat 3          # wall times of one, three times
     python -m research.quickstart_search table --out runs/quickstart
+    python -m research.quickstart_search table --runs results/quickstart_search.jsonl
 
 `run` trains each candidate with train.py, the base config and the candidate's overrides,
 
@@ -75,10 +76,7 @@ def flag(key: str, value) -> str:
     return f"--config.{key}={value!r}" if isinstance(value, tuple) else f"--config.{key}={value}"
 
 
-def read_runs(out: pathlib.Path) -> list[dict]:
-    path = out / "search.jsonl"
-    if out.resolve() == (REPO / "results").resolve():  # the search recorded in the repository
-        path = out / "quickstart_search.jsonl"
+def read_runs(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -135,10 +133,14 @@ def main():
     parser.add_argument("command", choices=("run", "table"))
     parser.add_argument("--out", default=pathlib.Path("runs/quickstart"), type=pathlib.Path,
                         help="workdirs and search.jsonl")
+    parser.add_argument("--runs", default=None, type=pathlib.Path,
+                        help="the runs file (default <out>/search.jsonl; the search recorded "
+                             "here: results/quickstart_search.jsonl)")
     parser.add_argument("--only", default=None, help="comma-separated candidate names")
     parser.add_argument("--repeat", type=int, default=1, help="runs wanted per candidate")
     parser.add_argument("--budget", type=float, default=60.0, help="wall seconds")
     args = parser.parse_args()
+    runs = args.runs or args.out / "search.jsonl"
     if args.command == "run":
         args.out.mkdir(parents=True, exist_ok=True)
         names = args.only.split(",") if args.only else list(CANDIDATES)
@@ -146,13 +148,13 @@ def main():
         if unknown:
             parser.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
         for name in names:
-            while sum(r["candidate"] == name for r in read_runs(args.out)) < args.repeat:
+            while sum(r["candidate"] == name for r in read_runs(runs)) < args.repeat:
                 row = run_one(name, args.out)
-                with open(args.out / "search.jsonl", "a") as f:
+                with open(runs, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{name}: {row['wall_s']:.0f} s (load {row['load_before']:.1f}), val "
                       f"{row['best_val_mse']:.4f}, test {row['test_mse']:.4f}", flush=True)
-    table(read_runs(args.out), args.budget)  # the recorded search: --out results
+    table(read_runs(runs), args.budget)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (workdir / "results.json").exists(), "the run finished before it was killed"
 

@@ -103,11 +103,17 @@ class Run:
     def model(self, state, *, use_ema: bool = True) -> nnx.Module:
         """The model of a state (with EMA weights when the state has them); `state` itself is
         left untouched."""
-        ema = state.get("ema") if use_ema else None
-        model = nnx.merge(self.graphdefs["model"], state["model"], copy=ema is not None)
-        if ema is not None:
-            nnx.update(model, ema)
-        return model
+        return model_of_state(self.graphdefs["model"], state, use_ema=use_ema)
+
+
+def model_of_state(graphdef: nnx.GraphDef, state, *, use_ema: bool = True) -> nnx.Module:
+    """The model of a training state (its EMA weights where it has them and `use_ema`);
+    `state` itself is left untouched."""
+    ema = state.get("ema") if use_ema else None
+    model = nnx.merge(graphdef, state["model"], copy=ema is not None)
+    if ema is not None:
+        nnx.update(model, ema)
+    return model
 
 
 def build_state(config, create_model, *, total_steps: int = 1, steps_per_epoch: int = 1):
