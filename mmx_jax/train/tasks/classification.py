@@ -49,16 +49,20 @@ class _Subset:
         return self.source[int(self.indices[i])]
 
 
+def _take(source, indices: np.ndarray):
+    """The examples `indices` of `source`: decoded arrays stay arrays, a source a `_Subset`."""
+    if isinstance(source, img.ImageArrays):
+        return img.ImageArrays(source.images[indices], source.labels[indices],
+                               source.class_names)
+    return _Subset(source, indices)
+
+
 def _spread_subset(source, count: int):
     """`count` examples of `source` at evenly spaced positions (a split stored class by class
     keeps its classes), or the whole source if it has no more."""
     if len(source) <= count:
         return source
-    picked = np.linspace(0, len(source) - 1, count).round().astype(np.int64)
-    if isinstance(source, img.ImageArrays):
-        return img.ImageArrays(source.images[picked], source.labels[picked],
-                               source.class_names)
-    return _Subset(source, picked)
+    return _take(source, np.linspace(0, len(source) - 1, count).round().astype(np.int64))
 
 
 def _holdout_split(n: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,12 +100,7 @@ class ClassificationTask(Task):
             raise ValueError(f"data.pipeline={d.pipeline!r} is not 'memory' or 'grain'")
         if d.val_holdout:
             keep, held = _holdout_split(len(train), d.val_holdout)
-            if d.pipeline == "memory":
-                val = img.ImageArrays(train.images[held], train.labels[held], train.class_names)
-                train = img.ImageArrays(train.images[keep], train.labels[keep],
-                                        train.class_names)
-            else:
-                val, train = _Subset(train, held), _Subset(train, keep)
+            val, train = _take(train, held), _take(train, keep)
         else:
             val = test
         if d.get("max_eval_images", 0):
