@@ -226,15 +226,32 @@ def zoo_table() -> str:
         with np.load(path) as stored:
             count = sum(stored[k].size for k in stored.files)
         metrics = card["metrics"]
+        recorded = f"{card['recorded_seed0_test_mse']:.5f}"
+        differs = recorded_differs(card)
+        if differs:
+            recorded += f" (that run had {', '.join(differs)})"
         lines.append(
             f"| `{name}` | {count / 1e3:.1f} k | {path.stat().st_size / 1e6:.1f} MB | "
             f"{card['best_step']} | {metrics['best_val_mse']:.5f} | {metrics['test_mse']:.5f} | "
             f"{card['stored_weights_test_mse']:.5f} ({card['weights_dtype']}) | "
-            f"{card['recorded_seed0_test_mse']:.5f} | {card['hardware']} | {card['date']} |")
+            f"{recorded} | {card['hardware']} | {card['date']} |")
     missing = [n[len("tsm2_"):] for n in order if n not in have]
     lines += ["", f"TSM2 entries: {len(order) - len(missing)} of {len(order)}."
               + (f" Missing: {', '.join(missing)}." if missing else "")]
     return "\n".join(lines)
+
+
+def recorded_differs(card: dict) -> list[str]:
+    """The options of the recorded seed-0 run that the entry's config does not have
+    ("model.time_directions=2"; results/tsm2.md, "Inherited options")."""
+    row = recorded_seed0(card["dataset"], card["config"]["data"]["pred_len"])
+    differs = []
+    for key, value in (row or {}).get("overrides", {}).items():
+        group, name = key.split(".")
+        have = card["config"][group][name]
+        if (list(map(list, have)) if isinstance(value, list) else have) != value:
+            differs.append(f"{key.split('.')[1]}={json.dumps(value)}")
+    return differs
 
 
 def cmd_table(args) -> None:

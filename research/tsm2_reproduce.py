@@ -175,11 +175,17 @@ PAPER_MSE = {
 
 
 def job_config(job: dict, quick: bool):
-    """`configs/tsm2.py:paper` with PAPER_DEFAULTS, then the job's overrides: a candidate means
-    the same whatever configs/tsm2.py has recorded as chosen for the data set."""
+    """`configs/tsm2.py:paper` with every searched hyper-parameter (HPARAM_KEYS) reset, to
+    PAPER_DEFAULTS or to the config's plain default, then the job's overrides: a candidate means
+    the same whatever configs/tsm2.py has recorded as chosen for the data set. (Until
+    2026-12-05 only PAPER_DEFAULTS' keys were reset, so runs inherited the recorded choice's
+    options; results/tsm2.md, "Inherited options", lists them, and their rows name them.)"""
     module = tsm2_config
-    config = module.get_config(f"paper,dataset={job['dataset']},horizon={job['horizon']},"
-                               f"seed={job['seed']}")
+    pair = f"dataset={job['dataset']},horizon={job['horizon']},seed={job['seed']}"
+    config = module.get_config(f"paper,{pair}")
+    plain = module.get_config(f"quickstart=false,{pair}")
+    config.update_from_flattened_dict({key: plain[key.split(".")[0]][key.split(".")[1]]
+                                       for key in module.HPARAM_KEYS.values()})
     config.update_from_flattened_dict({module.HPARAM_KEYS[k]: v
                                        for k, v in module.PAPER_DEFAULTS.items()})
     config.data.data_dir = job.get("data_dir")

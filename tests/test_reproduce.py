@@ -47,6 +47,42 @@ def test_paper_config_is_what_the_recorded_runs_trained(driver):
             assert recorded[group][name] == ran[group][name], (dataset, horizon, key)
 
 
+@pytest.mark.slow
+def test_every_recorded_run_has_the_parameter_count_of_its_config(driver):
+    """The parameter count each run recorded is that of the model its row's config builds, so a
+    row names every option that changes the model (time directions, RevIN affine, LayerScale),
+    also options a run once inherited from configs/tsm2.py's recorded choices."""
+    import functools  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from mmx_jax.models.registry import create_model  # noqa: PLC0415
+    from mmx_jax.train.tasks.base import model_spec  # noqa: PLC0415
+
+    variates = {"etth1": 7, "etth2": 7, "ettm1": 7, "ettm2": 7, "weather": 21,
+                "exchange_rate": 8, "electricity": 321, "traffic": 862}
+
+    @functools.cache
+    def count(name, kwargs):
+        model = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0), **dict(kwargs)))
+        return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines()]
+    checked = 0
+    for row in rows:
+        if "params" not in row:  # the first runs did not record it
+            continue
+        config = driver.job_config(row, quick=False)
+        name, kwargs = model_spec(config, {"num_variates": variates[row["dataset"]],
+                                           "seq_len": config.data.seq_len,
+                                           "pred_len": config.data.pred_len})
+        kwargs.pop("dtype", None)
+        assert count(name, tuple(sorted(kwargs.items()))) == row["params"], row["tag"]
+        checked += 1
+    assert checked > 400
+
+
 def test_winners_are_chosen_per_horizon_on_validation(driver, monkeypatch):
     rows = [_row("a96", "d64_lr1e-3", val=0.5, test=0.9), _row("b96", "d32_lr5e-4", val=0.6,
                                                                  test=0.1),
