@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import pathlib
 import platform
@@ -61,15 +62,19 @@ def hardware() -> str:
 
 def recorded_seed0(dataset: str, horizon: int) -> dict | None:
     """The seed-0 run of the chosen candidate of (dataset, horizon) in results/tsm2_runs.jsonl."""
+    return _recorded_seed0_runs().get((dataset, horizon))
+
+
+@functools.cache
+def _recorded_seed0_runs() -> dict[tuple[str, int], dict]:
+    """results/tsm2_runs.jsonl read once: (dataset, horizon) -> its chosen seed-0 run."""
     from research import tsm2_reproduce as driver  # noqa: PLC0415
 
     rows = driver.read_runs(RUNS)
-    chosen = driver.winners(rows).get((dataset, horizon))
-    for row in rows:
-        if (row.get("dataset"), row.get("horizon"), row.get("seed"), row.get("candidate")) == \
-                (dataset, horizon, 0, chosen) and "error" not in row:
-            return row
-    return None
+    chosen = driver.winners(rows)
+    return {(row["dataset"], row["horizon"]): row for row in rows
+            if row.get("seed") == 0 and "error" not in row
+            and chosen.get((row.get("dataset"), row.get("horizon"))) == row.get("candidate")}
 
 
 def add(workdir: pathlib.Path, name: str, command: str, date: str, hw: str,
@@ -206,8 +211,6 @@ def cmd_check(args) -> None:
               f"{card['recorded_seed0_test_mse'] or float('nan'):.5f} |")
 
 
-DATASETS = ("etth1", "etth2", "ettm1", "ettm2", "weather", "exchange_rate")
-HORIZONS = (96, 192, 336, 720)
 DOC = REPO / "results" / "checkpoints" / "README.md"
 MARKS = ("<!-- zoo table: python -m research.make_zoo table --write -->",
          "<!-- end of zoo table -->")
@@ -216,6 +219,7 @@ MARKS = ("<!-- zoo table: python -m research.make_zoo table --write -->",
 def zoo_table() -> str:
     """The markdown table of the TSM2 entries and the list of the missing ones, from the cards."""
     from mmx_jax.models.pretrained import WEIGHTS, list_pretrained, pretrained_card  # noqa: PLC0415
+    from research.tsm2_reproduce import DATASETS, HORIZONS  # noqa: PLC0415
 
     lines = ["| entry | parameters | file | best step | val MSE | test MSE | as stored | "
              "recorded seed-0 test MSE | trained on | date |", "|---" * 10 + "|"]
@@ -248,9 +252,8 @@ def recorded_differs(card: dict) -> list[str]:
     differs = []
     for key, value in (row or {}).get("overrides", {}).items():
         group, name = key.split(".")
-        have = card["config"][group][name]
-        if (list(map(list, have)) if isinstance(value, list) else have) != value:
-            differs.append(f"{key.split('.')[1]}={json.dumps(value)}")
+        if card["config"][group][name] != value:  # both read from JSON: lists, not tuples
+            differs.append(f"{name}={json.dumps(value)}")
     return differs
 
 

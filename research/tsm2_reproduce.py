@@ -184,8 +184,9 @@ def job_config(job: dict, quick: bool):
     pair = f"dataset={job['dataset']},horizon={job['horizon']},seed={job['seed']}"
     config = module.get_config(f"paper,{pair}")
     plain = module.get_config(f"quickstart=false,{pair}")
-    config.update_from_flattened_dict({key: plain[key.split(".")[0]][key.split(".")[1]]
-                                       for key in module.HPARAM_KEYS.values()})
+    groups_names = [key.split(".") for key in module.HPARAM_KEYS.values()]
+    config.update_from_flattened_dict({f"{group}.{name}": plain[group][name]
+                                       for group, name in groups_names})
     config.update_from_flattened_dict({module.HPARAM_KEYS[k]: v
                                        for k, v in module.PAPER_DEFAULTS.items()})
     config.data.data_dir = job.get("data_dir")

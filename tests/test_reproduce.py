@@ -57,11 +57,11 @@ def test_every_recorded_run_has_the_parameter_count_of_its_config(driver):
     import jax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
+    from mmx_jax.data.forecasting import list_datasets  # noqa: PLC0415
     from mmx_jax.models.registry import create_model  # noqa: PLC0415
     from mmx_jax.train.tasks.base import model_spec  # noqa: PLC0415
 
-    variates = {"etth1": 7, "etth2": 7, "ettm1": 7, "ettm2": 7, "weather": 21,
-                "exchange_rate": 8, "electricity": 321, "traffic": 862}
+    variates = {info.name.lower(): info.num_variates for info in list_datasets()}
 
     @functools.cache
     def count(name, kwargs):
